@@ -1,0 +1,36 @@
+// The innermost CPU loops: one contiguous run of elements of one dtype.
+//
+// They are compiled once per instruction set (AVX-512, AVX2, baseline x86-64)
+// and picked at load time, so a default build runs on any x86-64 and still
+// uses the widest vectors the machine has. All of them are pure functions of
+// their inputs: the same run gives the same bits on every thread and every ISA.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+
+namespace regext::cpu {
+
+// sum |x| and sum x^2 over x[0, n).
+struct AbsSqSums {
+  double abs = 0.0;
+  double sq = 0.0;
+};
+
+AbsSqSums abs_sq_sums(const float* x, int64_t n);
+AbsSqSums abs_sq_sums(const double* x, int64_t n);
+AbsSqSums abs_sq_sums(const c10::Half* x, int64_t n);
+AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n);
+
+// out[i] = sign_coef * sign(x[i]) + linear_coef * x[i]   (accumulate: out[i] += ...)
+void penalty_grad(const float* x, float* out, int64_t n, double sign_coef, double linear_coef,
+                  bool accumulate);
+void penalty_grad(const double* x, double* out, int64_t n, double sign_coef,
+                  double linear_coef, bool accumulate);
+void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n, double sign_coef,
+                  double linear_coef, bool accumulate);
+void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n, double sign_coef,
+                  double linear_coef, bool accumulate);
+
+}  // namespace regext::cpu

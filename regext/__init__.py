@@ -1,0 +1,26 @@
+"""regext: fused L1/L2 weight penalties for PyTorch.
+
+    loss = loss + regext.fused_penalty(model.parameters(), l1, l2)
+
+computes l1 * sum ||p||_1 + l2 * sum ||p||_2 over every parameter in one pass
+(one kernel launch per device and dtype on GPU), with gradients in one more.
+"""
+
+import torch
+
+# Load the compiled operator library first: it defines torch.ops.regext.*,
+# which the fake kernels below attach to.
+from regext import _C  # noqa: F401
+from regext import _meta  # noqa: F401
+from regext.penalty import fused_penalty
+from regext import reference
+
+__version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels were compiled into this build."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("regext::penalty_forward", "CUDA")
+
+
+__all__ = ["fused_penalty", "reference", "cuda_available", "__version__"]

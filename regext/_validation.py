@@ -1,0 +1,47 @@
+"""Argument checks for the public API, run before anything is computed.
+
+Errors name the argument, the position in the parameter list, and the
+offending type, dtype or device, so a bad entry in a 500-tensor list is found
+at once. Nothing is read or written until every check has passed.
+"""
+
+import math
+import numbers
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_coefficient(func: str, name: str, value) -> float:
+    """A penalty coefficient must be a finite real number >= 0; returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{func}: {name} must be a finite number >= 0, "
+                         f"got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{func}: {name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def materialize_params(func: str, params, arg: str = "params") -> list:
+    """Turns any iterable of tensors (generators included) into a checked list."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"{func}: {arg} must be an iterable of tensors (e.g. "
+                        f"model.parameters()), got a single Tensor; wrap it in a list")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(f"{func}: {arg} must be an iterable of tensors, "
+                        f"got {type(params).__name__}") from None
+    for i, p in enumerate(items):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{func}: {arg}[{i}] is a {type(p).__name__}, not a Tensor")
+        if p.layout != torch.strided:
+            raise TypeError(f"{func}: {arg}[{i}] has layout {p.layout} (dtype {p.dtype}, "
+                            f"device {p.device}); only strided tensors are supported")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{func}: {arg}[{i}] has dtype {p.dtype} (device {p.device}); "
+                            f"expected a real floating-point dtype "
+                            f"(float16, bfloat16, float32 or float64)")
+    return items

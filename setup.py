@@ -45,13 +45,15 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     # -ffp-contract=off: every ISA clone of the CPU loops must round alike.
-    cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without the
+    # flag it silently runs on one thread. The libgomp torch loaded is reused.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
     if sanitize:
-        cxx = ["-O1", "-g", "-fno-omit-frame-pointer",
+        cxx = ["-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer",
                "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                "-DREGEXT_NO_TARGET_CLONES"]
     extra_compile_args = {"cxx": cxx}
-    extra_link_args = ["-fsanitize=address,undefined"] if sanitize else []
+    extra_link_args = ["-fopenmp"] + (["-fsanitize=address,undefined"] if sanitize else [])
     define_macros = []
     if use_cuda:
         define_macros.append(("REGEXT_WITH_CUDA", "1"))

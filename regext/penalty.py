@@ -1,7 +1,6 @@
 """fused_penalty: the public, differentiable entry point."""
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from regext._validation import check_coefficient, materialize_params
 
@@ -20,17 +19,21 @@ class _FusedPenalty(torch.autograd.Function):
         total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
         ctx.save_for_backward(stats, *params)
         ctx.coefficients = (l1, l2, l2_squared)
-        ctx.mark_non_differentiable(stats)
         return total
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_total):
         stats, *params = ctx.saved_tensors
         l1, l2, l2_squared = ctx.coefficients
         needed = ctx.needs_input_grad[3:]
         grads = [None] * len(params)
-        if all(needed):
+        if torch.is_grad_enabled():
+            # create_graph=True: build the gradient from differentiable torch ops so a
+            # second derivative (e.g. a gradient penalty on top) is exact, not dropped.
+            for i, need in enumerate(needed):
+                if need:
+                    grads[i] = _differentiable_grad(grad_total, params[i], l1, l2, l2_squared)
+        elif all(needed):
             grads = torch.ops.regext.penalty_backward(grad_total, params, stats, l1, l2,
                                                       l2_squared)
         else:
@@ -44,6 +47,19 @@ class _FusedPenalty(torch.autograd.Function):
                 for i, g in zip(rows, sub):
                     grads[i] = g
         return (None, None, None, *grads)
+
+
+def _differentiable_grad(grad_total, p, l1, l2, l2_squared):
+    """d(penalty)/dp * grad_total as a differentiable expression (double backward)."""
+    x = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+    if l2_squared:
+        linear = 2.0 * x
+    else:
+        norm = torch.linalg.vector_norm(x)
+        # x / ||x||, and 0 for an all-zero tensor; the guarded denominator keeps
+        # the second derivative free of 0/0 there. A NaN norm stays NaN.
+        linear = x / torch.where(norm == 0, torch.ones_like(norm), norm)
+    return (grad_total.to(x.dtype) * (l1 * torch.sign(x) + l2 * linear)).to(p.dtype)
 
 
 def _group_by_device(params):

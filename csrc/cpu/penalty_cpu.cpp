@@ -146,12 +146,25 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
   const double g = read_scalar(op, grad_total);
 
   std::vector<at::Tensor> dense = as_dense(params);
-  // empty_like keeps the strides of a dense tensor, so each gradient has its
-  // parameter's memory layout (channels-last stays channels-last).
-  std::vector<at::Tensor> grads;
+  // empty_like(param) keeps the strides of a dense parameter, so each gradient
+  // has its parameter's memory layout (channels-last stays channels-last). The
+  // fake kernel allocates the same way. Only when a strided view suggests a
+  // layout other than its dense copy's is the gradient staged and copied.
+  std::vector<at::Tensor> grads, targets;
+  std::vector<size_t> staged;
   grads.reserve(dense.size());
-  for (const auto& x : dense) grads.push_back(at::empty_like(x));
-  write_grads(dense, grads, stats, g, l1, l2, l2_squared, /*accumulate=*/false);
+  targets.reserve(dense.size());
+  for (size_t t = 0; t < dense.size(); ++t) {
+    grads.push_back(at::empty_like(params[t]));
+    if (grads[t].strides() == dense[t].strides()) {
+      targets.push_back(grads[t]);
+    } else {
+      targets.push_back(at::empty_like(dense[t]));
+      staged.push_back(t);
+    }
+  }
+  write_grads(dense, targets, stats, g, l1, l2, l2_squared, /*accumulate=*/false);
+  for (size_t t : staged) grads[t].copy_(targets[t]);
   return grads;
 }
 

@@ -5,6 +5,7 @@
 #include "vector_loops.h"
 
 #include <cmath>
+#include <type_traits>
 
 #include "../penalty_math.h"
 
@@ -20,63 +21,72 @@
 namespace regext::cpu {
 namespace {
 
-// Independent accumulators: enough to fill two AVX-512 registers of doubles,
-// which hides the add latency and keeps each rounding chain short.
-constexpr int kLanes = 16;
+// Fixed-width vectors (GCC vector extensions): the compiler maps them onto
+// whatever registers the ISA clone has (one zmm, two ymm or four xmm), so the
+// arithmetic, and hence the rounding, is identical in every clone.
+typedef double Doubles8 __attribute__((vector_size(64)));
+typedef long long Int64s8 __attribute__((vector_size(64)));
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef unsigned short Bits16x8 __attribute__((vector_size(16)));
+typedef unsigned int Bits32x8 __attribute__((vector_size(32)));
 
-template <typename T>
-REGEXT_INLINE AbsSqSums abs_sq_sums_impl(const T* x, int64_t n) {
-  // Accumulating in double keeps the result exact to ~1e-15 relative for any
-  // chunk, never overflows for float32/half inputs (x^2 of 3e38 fits), and
-  // costs nothing here: the loop is bound by memory, not by arithmetic.
-  double abs_acc[kLanes] = {};
-  double sq_acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const double v = static_cast<double>(static_cast<float>(x[i + lane]));
-      abs_acc[lane] += std::fabs(v);
-      sq_acc[lane] += v * v;
-    }
-  }
-  for (int lane = 0; i < n; ++i, ++lane) {
-    const double v = static_cast<double>(static_cast<float>(x[i]));
-    abs_acc[lane] += std::fabs(v);
-    sq_acc[lane] += v * v;
-  }
-  // Pairwise combination of the lanes, in a fixed order.
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int lane = 0; lane < width; ++lane) {
-      abs_acc[lane] += abs_acc[lane + width];
-      sq_acc[lane] += sq_acc[lane + width];
-    }
-  }
-  return {abs_acc[0], sq_acc[0]};
+// Widens 8 consecutive elements to float.
+REGEXT_INLINE Floats8 load8(const float* x) {
+  Floats8 v;
+  __builtin_memcpy(&v, x, sizeof(v));
+  return v;
+}
+REGEXT_INLINE Floats8 load8(const c10::BFloat16* x) {
+  // bfloat16 is the top half of a float32.
+  Bits16x8 bits;
+  __builtin_memcpy(&bits, x, sizeof(bits));
+  return reinterpret_cast<Floats8>(__builtin_convertvector(bits, Bits32x8) << 16);
+}
+REGEXT_INLINE Floats8 load8(const c10::Half* x) {
+  Floats8 v;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(x[i]);
+  return v;
 }
 
-template <>
-REGEXT_INLINE AbsSqSums abs_sq_sums_impl<double>(const double* x, int64_t n) {
-  double abs_acc[kLanes] = {};
-  double sq_acc[kLanes] = {};
+REGEXT_INLINE Doubles8 abs8(Doubles8 v) {
+  return reinterpret_cast<Doubles8>(reinterpret_cast<Int64s8>(v) & 0x7fffffffffffffffLL);
+}
+
+// Accumulating in double keeps the result exact to ~1e-15 relative for any
+// chunk, never overflows for float32/half inputs (x^2 of 3e38 fits), and
+// costs nothing here: the loop is bound by memory, not by arithmetic. Two
+// independent vector accumulators (16 lanes) hide the add latency.
+template <typename T>
+REGEXT_INLINE AbsSqSums abs_sq_sums_impl(const T* x, int64_t n) {
+  Doubles8 abs_a = {}, abs_b = {}, sq_a = {}, sq_b = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const double v = x[i + lane];
-      abs_acc[lane] += std::fabs(v);
-      sq_acc[lane] += v * v;
+  for (; i + 16 <= n; i += 16) {
+    Doubles8 a, b;
+    if constexpr (std::is_same_v<T, double>) {
+      __builtin_memcpy(&a, x + i, sizeof(a));
+      __builtin_memcpy(&b, x + i + 8, sizeof(b));
+    } else {
+      a = __builtin_convertvector(load8(x + i), Doubles8);
+      b = __builtin_convertvector(load8(x + i + 8), Doubles8);
     }
+    abs_a += abs8(a);
+    abs_b += abs8(b);
+    sq_a += a * a;
+    sq_b += b * b;
   }
-  for (int lane = 0; i < n; ++i, ++lane) {
-    abs_acc[lane] += std::fabs(x[i]);
-    sq_acc[lane] += x[i] * x[i];
+  abs_a += abs_b;
+  sq_a += sq_b;
+  double abs_sum = 0.0, sq_sum = 0.0;
+  for (int lane = 0; lane < 8; ++lane) {
+    abs_sum += abs_a[lane];
+    sq_sum += sq_a[lane];
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int lane = 0; lane < width; ++lane) {
-      abs_acc[lane] += abs_acc[lane + width];
-      sq_acc[lane] += sq_acc[lane + width];
-    }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    abs_sum += std::fabs(v);
+    sq_sum += v * v;
   }
-  return {abs_acc[0], sq_acc[0]};
+  return {abs_sum, sq_sum};
 }
 
 // Gradients of float32 and the half types are computed in float32 (as torch's

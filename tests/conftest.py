@@ -1,0 +1,46 @@
+"""Shared fixtures: the devices to test on and seeded random parameter lists."""
+
+import pytest
+import torch
+
+import regext
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and regext.cuda_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen():
+    """A fresh, seeded generator per test: random but reproducible inputs."""
+    return torch.Generator().manual_seed(1234)
+
+
+def random_params(gen, shapes, dtype=torch.float32, device="cpu", requires_grad=True,
+                  away_from_zero=False):
+    """Random normal tensors; with away_from_zero, |x| >= 0.1 (gradcheck-safe for L1)."""
+    out = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if away_from_zero:
+            x = x.sign() * (x.abs() + 0.1)
+        out.append(x.to(dtype=dtype, device=device).requires_grad_(requires_grad))
+    return out
+
+
+def grads_of(value, params):
+    """d(value)/d(params), with zeros for parameters that got no gradient."""
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+# Tolerances by parameter dtype: (rtol, atol) for values and gradients.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}

@@ -90,7 +90,9 @@ REGEXT_INLINE AbsSqSums abs_sq_sums_impl(const T* x, int64_t n) {
 }
 
 // Gradients of float32 and the half types are computed in float32 (as torch's
-// autograd of the loop does) and rounded once to the parameter's dtype.
+// autograd of the loop does) and rounded once to the parameter's dtype, as
+// long as both coefficients are comfortably inside float32's range; otherwise
+// (see penalty_grad_any) in float64.
 template <typename T, typename Compute>
 REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_coef,
                                      double linear_coef, bool accumulate) {
@@ -106,6 +108,28 @@ REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_
       const Compute v = static_cast<Compute>(x[i]);
       out[i] = static_cast<T>(s * sign_of(v) + l * v);
     }
+  }
+}
+
+// linear_coef = l2 / ||x|| leaves float32's range for tensors of tiny or huge
+// elements: ||x|| < ~3e-39 made it inf (and inf * 0 = NaN), ||x|| > ~1e38 / l2
+// made it subnormal or 0, although every gradient element, l2 * x / ||x||, is
+// at most l2 in magnitude. Such tensors take the float64 path; the rest keep
+// the float32 arithmetic, so the common case costs nothing extra. The choice
+// depends only on the tensor's coefficients: still the same bits on every
+// thread and every ISA.
+REGEXT_INLINE bool fits_float(double c) {
+  const double a = std::fabs(c);
+  return a == 0.0 || (a >= 1e-30 && a <= 1e30);
+}
+
+template <typename T>
+REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_coef,
+                                    double linear_coef, bool accumulate) {
+  if (fits_float(sign_coef) && fits_float(linear_coef)) {
+    penalty_grad_impl<T, float>(x, out, n, sign_coef, linear_coef, accumulate);
+  } else {
+    penalty_grad_impl<T, double>(x, out, n, sign_coef, linear_coef, accumulate);
   }
 }
 
@@ -126,7 +150,7 @@ REGEXT_ISA_CLONES AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n) {
 
 REGEXT_ISA_CLONES void penalty_grad(const float* x, float* out, int64_t n, double sign_coef,
                                     double linear_coef, bool accumulate) {
-  penalty_grad_impl<float, float>(x, out, n, sign_coef, linear_coef, accumulate);
+  penalty_grad_any<float>(x, out, n, sign_coef, linear_coef, accumulate);
 }
 REGEXT_ISA_CLONES void penalty_grad(const double* x, double* out, int64_t n, double sign_coef,
                                     double linear_coef, bool accumulate) {
@@ -134,11 +158,11 @@ REGEXT_ISA_CLONES void penalty_grad(const double* x, double* out, int64_t n, dou
 }
 REGEXT_ISA_CLONES void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n,
                                     double sign_coef, double linear_coef, bool accumulate) {
-  penalty_grad_impl<c10::Half, float>(x, out, n, sign_coef, linear_coef, accumulate);
+  penalty_grad_any<c10::Half>(x, out, n, sign_coef, linear_coef, accumulate);
 }
 REGEXT_ISA_CLONES void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n,
                                     double sign_coef, double linear_coef, bool accumulate) {
-  penalty_grad_impl<c10::BFloat16, float>(x, out, n, sign_coef, linear_coef, accumulate);
+  penalty_grad_any<c10::BFloat16>(x, out, n, sign_coef, linear_coef, accumulate);
 }
 
 }  // namespace regext::cpu

@@ -1,0 +1,98 @@
+"""Range: sums that overflow the parameter's own type, and tiny or huge norms.
+
+Every value is accumulated in float64 on CPU, so a float16/bfloat16 tensor
+whose sum of squares (or sum of magnitudes) overflows its own type gives the
+finite, correct result, and so do float32 tensors of ±1e38. The gradient of the
+Euclidean norm, l2 * x / ||x||, is at most l2 in magnitude for any x; it must
+stay finite and correct however tiny or huge ||x|| is.
+"""
+
+import math
+
+import pytest
+import torch
+
+import regext
+from regext.reference import penalty_float64
+
+from conftest import grads_of
+
+HALF_TYPES = [torch.float16, torch.bfloat16]
+
+
+def _f64_grads(params, l1, l2, l2_squared=False):
+    """float64 reference gradients, rounded to each parameter's dtype."""
+    return grads_of(penalty_float64(params, l1, l2, l2_squared=l2_squared), params)
+
+
+@pytest.mark.parametrize("l2_squared", [False, True])
+def test_float16_sums_overflowing_float16_are_finite_and_exact(device, l2_squared):
+    # sum x^2 = 4096 * 200^2 = 1.6e8 and sum |x| = 8.2e5: both far above 65504.
+    p = torch.full((4096,), 200.0, dtype=torch.float16, device=device, requires_grad=True)
+    q = torch.full((3, 1000), -60000.0, dtype=torch.float16, device=device, requires_grad=True)
+    for params in ([p], [q], [p, q]):
+        ours = regext.fused_penalty(params, 0.25, 0.5, l2_squared=l2_squared)
+        exact = penalty_float64(params, 0.25, 0.5, l2_squared=l2_squared)
+        assert ours.dtype == torch.float32 and math.isfinite(ours.item())
+        assert ours.item() == pytest.approx(exact.item(), rel=1e-6)
+        for g, h in zip(grads_of(ours, params), _f64_grads(params, 0.25, 0.5, l2_squared)):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, h, rtol=2e-3, atol=1e-3)
+
+
+def test_bfloat16_sum_of_squares_overflowing_bfloat16_gives_finite_norm(device):
+    # 1e19^2 * 1000 = 1e41: beyond bfloat16's (and float32's) range; the norm 3.2e20 is not.
+    p = torch.full((1000,), 1e19, dtype=torch.bfloat16, device=device, requires_grad=True)
+    ours = regext.fused_penalty([p], 0.0, 1.0)
+    exact = penalty_float64([p], 0.0, 1.0)
+    assert ours.dtype == torch.float32 and math.isfinite(ours.item())
+    assert ours.item() == pytest.approx(exact.item(), rel=1e-6)
+    (g,) = grads_of(ours, [p])
+    torch.testing.assert_close(g, _f64_grads([p], 0.0, 1.0)[0], rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("l2_squared", [False, True])
+def test_float32_pm_1e38_accumulates_without_overflow(device, l2_squared):
+    p = torch.tensor([3e38, -3e38, 1e38, -1e38, 1.0], device=device, requires_grad=True)
+    # The L1 sum (8e38) and the sum of squares (2e77) overflow float32; the
+    # penalty does not (the squared form needs a tiny l2 to fit float32).
+    l2 = 1e-40 if l2_squared else 1e-3
+    ours = regext.fused_penalty([p], 1e-3, l2, l2_squared=l2_squared)
+    exact = penalty_float64([p], 1e-3, l2, l2_squared=l2_squared)
+    assert math.isfinite(ours.item())
+    assert ours.item() == pytest.approx(exact.item(), rel=1e-6)
+    (g,) = grads_of(ours, [p])
+    h = _f64_grads([p], 1e-3, l2, l2_squared)[0]
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_gradient_of_subnormal_tensor_is_finite_and_correct(device, dtype):
+    """||x|| ~ 1e-40: 1 / ||x|| overflows float32, the gradient x / ||x|| does not.
+
+    Regression: the CPU kernel formed l2 / ||x|| in float32, which gave inf
+    gradients for the nonzero elements and NaN (inf * 0) for the zero ones.
+    """
+    p = torch.tensor([1e-40, -1e-40, 0.0, 3e-41], device=device).to(dtype).requires_grad_()
+    assert 0 < p.detach().abs().max().item() < torch.finfo(torch.float32).tiny  # subnormal
+    for l1 in (0.0, 0.5):
+        (g,) = grads_of(regext.fused_penalty([p], l1, 1.0), [p])
+        h = _f64_grads([p], l1, 1.0)[0]
+        assert torch.isfinite(g).all(), g
+        torch.testing.assert_close(g, h, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_gradient_of_huge_tensor_keeps_full_precision(device, dtype):
+    """||x|| = 1e41: l2 / ||x|| = 1e-44 is a float32 subnormal with 3 significant bits.
+
+    Regression: the CPU kernel rounded that factor to float32, so each gradient
+    element (1e-5 here) came out up to several percent off.
+    """
+    p = torch.full((10_000,), 1e38, device=device).to(dtype).requires_grad_()
+    (g,) = grads_of(regext.fused_penalty([p], 0.0, 1e-3), [p])
+    h = _f64_grads([p], 0.0, 1e-3)[0]
+    torch.testing.assert_close(g, h, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+

@@ -96,3 +96,39 @@ def test_l2_gradient_of_huge_tensor_keeps_full_precision(device, dtype):
     h = _f64_grads([p], 0.0, 1e-3)[0]
     torch.testing.assert_close(g, h, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
 
+
+
+def test_accumulate_op_handles_extreme_norms_too(device):
+    """penalty_grad_accumulate_ shares the kernel: same range for the in-place path."""
+    params = [torch.tensor([1e-40, -1e-40, 0.0], device=device),
+              torch.full((10_000,), 1e38, device=device)]
+    start = [torch.ones_like(params[0]), torch.zeros_like(params[1])]
+    grads = [g.clone() for g in start]
+    _, stats = torch.ops.regext.penalty_forward(params, 0.0, 1.0, False)
+    torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, 0.0, 1.0, False)
+    leaves = [p.clone().requires_grad_() for p in params]
+    for g, g0, h in zip(grads, start, _f64_grads(leaves, 0.0, 1.0)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, g0 + h, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("l2_squared", [False, True])
+def test_penalty_beyond_float32_range_is_inf_not_an_error(device, dtype, l2_squared):
+    """A finite float64 total that does not fit the float32 result becomes +inf.
+
+    Regression: the CPU kernel raised "value cannot be converted to type float
+    without overflow" (a RuntimeError in the middle of a training step) where
+    the loop returns inf or NaN.
+    """
+    big = 6e4 if dtype == torch.float16 else 3e38
+    p = torch.full((1000,), big, device=device).to(dtype).requires_grad_()
+    l1 = 1e40 if dtype == torch.float16 else 1.0  # float16 sums cannot exceed float32 alone
+    ours = regext.fused_penalty([p], l1, 1.0, l2_squared=l2_squared)
+    assert ours.dtype == torch.float32 and ours.item() == math.inf
+    # Gradients come from the float64 sums, not from the rounded total.
+    (g,) = grads_of(ours, [p])
+    torch.testing.assert_close(g, _f64_grads([p], l1, 1.0, l2_squared)[0], rtol=1e-2, atol=0)
+    # float64 parameters keep the float64 total.
+    q = p.detach().double()
+    assert math.isfinite(regext.fused_penalty([q], l1, 1.0, l2_squared=l2_squared).item())

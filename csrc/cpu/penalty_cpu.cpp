@@ -130,8 +130,15 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, double
   for (size_t t = 0; t < params.size(); ++t) {
     totals.add(s[t * kStatsColumns + 0], s[t * kStatsColumns + 1], l2_squared);
   }
-  at::Tensor total = at::scalar_tensor(totals.combine(l1, l2),
-                                       at::TensorOptions().dtype(result_dtype(params)));
+  // A float32 result rounds the float64 total once; a total beyond float32's
+  // range becomes inf, as the loop's would (at::scalar_tensor(double, kFloat)
+  // raises "cannot be converted to type float without overflow" instead).
+  const double value = totals.combine(l1, l2);
+  const c10::ScalarType dtype = result_dtype(params);
+  at::Tensor total = dtype == c10::kDouble
+                         ? at::scalar_tensor(value, at::TensorOptions().dtype(c10::kDouble))
+                         : at::scalar_tensor(static_cast<float>(value),
+                                             at::TensorOptions().dtype(c10::kFloat));
   return {total, stats};
 }
 

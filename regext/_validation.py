@@ -37,6 +37,9 @@ def materialize_params(func: str, params, arg: str = "params") -> list:
     for i, p in enumerate(items):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{func}: {arg}[{i}] is a {type(p).__name__}, not a Tensor")
+        if p.is_nested:
+            raise TypeError(f"{func}: {arg}[{i}] is a nested tensor (dtype {p.dtype}, "
+                            f"device {p.device}); only strided tensors are supported")
         if p.layout != torch.strided:
             raise TypeError(f"{func}: {arg}[{i}] has layout {p.layout} (dtype {p.dtype}, "
                             f"device {p.device}); only strided tensors are supported")
@@ -44,4 +47,10 @@ def materialize_params(func: str, params, arg: str = "params") -> list:
             raise TypeError(f"{func}: {arg}[{i}] has dtype {p.dtype} (device {p.device}); "
                             f"expected a real floating-point dtype "
                             f"(float16, bfloat16, float32 or float64)")
+        if p.is_meta != items[0].is_meta:
+            # Checked here, not when the per-device results are summed: by then the
+            # real tensors would have been reduced already.
+            raise TypeError(f"{func}: {arg}[{i}] is on {p.device} (dtype {p.dtype}) but "
+                            f"{arg}[0] is on {items[0].device}; meta tensors have no data "
+                            f"and cannot be mixed with real ones")
     return items

@@ -88,3 +88,12 @@ def test_meta_gradients_match_cpu_gradients_in_shape_dtype_and_strides(layout):
     assert meta.device.type == "meta"
     assert (meta.shape, meta.dtype, meta.stride()) == (cpu.shape, cpu.dtype, cpu.stride())
 
+
+def test_meta_mixed_with_real_tensors_is_rejected_before_computing():
+    """Meta and real tensors cannot be summed; say so, naming the position, up front."""
+    real = [torch.randn(3, requires_grad=True) for _ in range(4)]
+    meta = torch.empty(3, device="meta", requires_grad=True)
+    for params, pos in ((real[:2] + [meta] + real[2:], 2), ([meta] + real, 1)):
+        with pytest.raises(TypeError, match=rf"params\[{pos}\].*(meta|cpu)"):
+            regext.fused_penalty(params, 0.1, 0.2)
+    assert all(p.grad is None for p in real)

@@ -132,3 +132,27 @@ def test_penalty_beyond_float32_range_is_inf_not_an_error(device, dtype, l2_squa
     # float64 parameters keep the float64 total.
     q = p.detach().double()
     assert math.isfinite(regext.fused_penalty([q], l1, 1.0, l2_squared=l2_squared).item())
+
+
+@pytest.mark.parametrize("l2, scale", [(1e-300, 1e38), (1e300, 1e-100), (1e-250, 1e100)])
+def test_float64_gradient_with_extreme_coefficient_over_norm(device, l2, scale):
+    """l2 / ||x|| beyond double's range, while each element l2 * x / ||x|| is not.
+
+    Regression: the kernels formed l2 / ||x|| first: 1e-300 / 1e38 underflowed
+    to 0 (the L2 part of the gradient vanished) and 1e300 / 1e-100 overflowed
+    to inf. found by the property tests (l2 = 2e-291 on ±1e38 float64 values).
+    """
+    gen = torch.Generator().manual_seed(0)
+    p = (torch.randn(7, 5, generator=gen, dtype=torch.float64) * scale).to(device)
+    p.requires_grad_()
+    for l1 in (0.0, l2):
+        (g,) = grads_of(regext.fused_penalty([p], l1, l2), [p])
+        h = _f64_grads([p], l1, l2)[0]
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=0)
+    # The in-place operator shares the kernel.
+    x = p.detach()
+    acc = [torch.zeros_like(x)]
+    _, stats = torch.ops.regext.penalty_forward([x], 0.0, l2, False)
+    torch.ops.regext.penalty_grad_accumulate_(acc, [x], stats, 0.0, l2, False)
+    torch.testing.assert_close(acc[0], _f64_grads([p], 0.0, l2)[0], rtol=1e-12, atol=0)

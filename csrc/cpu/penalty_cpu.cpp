@@ -104,8 +104,10 @@ void write_grads(const std::vector<at::Tensor>& dense, const std::vector<at::Ten
                          using scalar_t = std::remove_pointer_t<decltype(tag)>;
                          const auto* src = static_cast<const scalar_t*>(x.const_data_ptr());
                          auto* dst = static_cast<scalar_t*>(out[chunk.tensor].data_ptr());
+                         const bool split = k.split_scale != 0.0;
                          penalty_grad(src + chunk.begin, dst + chunk.begin, chunk.length,
-                                      k.sign_coef, k.linear_coef, accumulate);
+                                      k.sign_coef, split ? k.split_coef : k.linear_coef,
+                                      split ? k.split_scale : 1.0, accumulate);
                        });
                      }
                    });

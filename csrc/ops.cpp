@@ -18,13 +18,16 @@ TORCH_LIBRARY(regext, m) {
       " -> (Tensor total, Tensor stats)");
   // Writes d(penalty)/d(p_t) * grad_total for every tensor in one pass.
   // Each gradient has its parameter's dtype, shape and (dense) strides.
+  // stats_rows[t], when given, is the row of `stats` that belongs to params[t]
+  // (so a subset of the forward's tensors, e.g. those requiring grad, needs no
+  // gather on the device); by default params[t] uses row t.
   m.def(
       "penalty_backward(Tensor grad_total, Tensor[] params, Tensor stats, float l1,"
-      " float l2, bool l2_squared) -> Tensor[]");
+      " float l2, bool l2_squared, int[]? stats_rows=None) -> Tensor[]");
   // grads[t] += d(penalty)/d(p_t) in place, from the stats of penalty_forward.
   m.def(
       "penalty_grad_accumulate_(Tensor(a!)[] grads, Tensor[] params, Tensor stats,"
-      " float l1, float l2, bool l2_squared) -> ()");
+      " float l1, float l2, bool l2_squared, int[]? stats_rows=None) -> ()");
 }
 
 // The compiled library is loaded by `import regext._C`; it needs a module init

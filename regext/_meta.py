@@ -25,11 +25,11 @@ def _penalty_forward_fake(params, l1, l2, l2_squared):
 
 
 @torch.library.register_fake("regext::penalty_backward")
-def _penalty_backward_fake(grad_total, params, stats, l1, l2, l2_squared):
+def _penalty_backward_fake(grad_total, params, stats, l1, l2, l2_squared, stats_rows=None):
     # The kernels allocate each gradient with empty_like(param), as here.
     return [torch.empty_like(p) for p in params]
 
 
 @torch.library.register_fake("regext::penalty_grad_accumulate_")
-def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared):
+def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared, stats_rows=None):
     return None

@@ -33,17 +33,14 @@ class _FusedPenalty(torch.autograd.Function):
             for i, need in enumerate(needed):
                 if need:
                     grads[i] = _differentiable_grad(grad_total, params[i], l1, l2, l2_squared)
-        elif all(needed):
-            grads = torch.ops.regext.penalty_backward(grad_total, params, stats, l1, l2,
-                                                      l2_squared)
         else:
-            # Frozen parameters cost nothing: only the needed rows go to the kernel.
+            # Frozen parameters cost nothing: only the needed ones go to the kernel,
+            # each told its stats row (host metadata, no device gather).
             rows = [i for i, need in enumerate(needed) if need]
             if rows:
-                index = torch.tensor(rows, device=stats.device)
                 sub = torch.ops.regext.penalty_backward(
-                    grad_total, [params[i] for i in rows], stats.index_select(0, index), l1,
-                    l2, l2_squared)
+                    grad_total, [params[i] for i in rows], stats, l1, l2, l2_squared,
+                    None if len(rows) == len(params) else rows)
                 for i, g in zip(rows, sub):
                     grads[i] = g
         return (None, None, None, *grads)

@@ -83,13 +83,13 @@ at::Tensor compute_stats(const std::vector<at::Tensor>& dense) {
 // Writes (or adds) the penalty gradient of every tensor. `out[t]` must have
 // the same strides as `dense[t]`, both dense, so memory order matches.
 void write_grads(const std::vector<at::Tensor>& dense, const std::vector<at::Tensor>& out,
-                 const at::Tensor& stats, double grad_total, double l1, double l2,
-                 bool l2_squared, bool accumulate) {
+                 const at::Tensor& stats, const std::vector<int64_t>& rows, double grad_total,
+                 double l1, double l2, bool l2_squared, bool accumulate) {
   const int64_t num_tensors = static_cast<int64_t>(dense.size());
   const double* stats_data = stats.const_data_ptr<double>();
   std::vector<GradCoefficients> coefs(num_tensors);
   for (int64_t t = 0; t < num_tensors; ++t) {
-    coefs[t] = grad_coefficients(grad_total, stats_data[t * kStatsColumns + 1], l1, l2,
+    coefs[t] = grad_coefficients(grad_total, stats_data[rows[t] * kStatsColumns + 1], l1, l2,
                                  l2_squared);
   }
   const ChunkTable table = make_chunk_table(dense, kChunkElems);
@@ -137,12 +137,15 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, double
 
 std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::TensorList params,
                                          const at::Tensor& stats, double l1, double l2,
-                                         bool l2_squared) {
+                                         bool l2_squared,
+                                         c10::OptionalArrayRef<int64_t> stats_rows) {
   constexpr const char* op = "regext::penalty_backward";
   check_coefficient(op, "l1", l1);
   check_coefficient(op, "l2", l2);
   check_tensor_list(op, "params", params, c10::Device(c10::kCPU));
-  check_stats(op, stats, static_cast<int64_t>(params.size()), c10::Device(c10::kCPU));
+  check_stats(op, stats, c10::Device(c10::kCPU));
+  const std::vector<int64_t> rows = resolve_stats_rows(
+      op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
   const double g = read_scalar(op, grad_total);
 
   std::vector<at::Tensor> dense = as_dense(params);
@@ -163,20 +166,23 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
       staged.push_back(t);
     }
   }
-  write_grads(dense, targets, stats, g, l1, l2, l2_squared, /*accumulate=*/false);
+  write_grads(dense, targets, stats, rows, g, l1, l2, l2_squared, /*accumulate=*/false);
   for (size_t t : staged) grads[t].copy_(targets[t]);
   return grads;
 }
 
 void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
-                              const at::Tensor& stats, double l1, double l2, bool l2_squared) {
+                              const at::Tensor& stats, double l1, double l2, bool l2_squared,
+                              c10::OptionalArrayRef<int64_t> stats_rows) {
   constexpr const char* op = "regext::penalty_grad_accumulate_";
   check_coefficient(op, "l1", l1);
   check_coefficient(op, "l2", l2);
   check_tensor_list(op, "params", params, c10::Device(c10::kCPU));
   check_tensor_list(op, "grads", grads, c10::Device(c10::kCPU));
   check_same_shapes(op, "grads", grads, params);
-  check_stats(op, stats, static_cast<int64_t>(params.size()), c10::Device(c10::kCPU));
+  check_stats(op, stats, c10::Device(c10::kCPU));
+  const std::vector<int64_t> rows = resolve_stats_rows(
+      op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
   for (size_t t = 0; t < grads.size(); ++t) {
     TORCH_CHECK_TYPE(grads[t].scalar_type() == params[t].scalar_type(), op, ": grads[", t,
                      "] has dtype ", grads[t].scalar_type(), " but params[", t, "] has dtype ",
@@ -196,7 +202,7 @@ void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
       staged.push_back(t);
     }
   }
-  write_grads(dense, targets, stats, 1.0, l1, l2, l2_squared, /*accumulate=*/true);
+  write_grads(dense, targets, stats, rows, 1.0, l1, l2, l2_squared, /*accumulate=*/true);
   for (size_t t : staged) grads[t].add_(targets[t]);
 }
 

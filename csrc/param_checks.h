@@ -54,6 +54,16 @@ inline void check_stats(const char* op, const at::Tensor& stats, c10::Device dev
               " but the parameters are on ", device);
 }
 
+// The incoming gradient of the 0-dim penalty: one float32/float64 element on `device`.
+inline void check_grad_total(const char* op, const at::Tensor& grad_total, c10::Device device) {
+  TORCH_CHECK(grad_total.numel() == 1 && (grad_total.scalar_type() == c10::kFloat ||
+                                          grad_total.scalar_type() == c10::kDouble),
+              op, ": grad_total must be one float32 or float64 element, got dtype ",
+              grad_total.scalar_type(), " and shape ", grad_total.sizes());
+  TORCH_CHECK(grad_total.device() == device, op, ": grad_total is on ", grad_total.device(),
+              " but the parameters are on ", device);
+}
+
 // The row of `stats` for each parameter: stats_rows[t] if given, else t.
 inline std::vector<int64_t> resolve_stats_rows(const char* op,
                                                c10::OptionalArrayRef<int64_t> stats_rows,

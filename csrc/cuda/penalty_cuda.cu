@@ -198,13 +198,23 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int num_vecs = n / V;
     const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x);
     Vec16<T>* ov = reinterpret_cast<Vec16<T>*>(out);
+    // x and out are __restrict__: unrolling lets the loads of several
+    // iterations issue before the first store.
+#pragma unroll 4
     for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
       const Vec16<T> in = xv[i];
       Vec16<T> result;
-      if constexpr (kAccumulate) result = ov[i];
+      if constexpr (kAccumulate) {
+        result = ov[i];
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        result.v[e] = grad_of<T, kAccumulate>(in.v[e], result.v[e], sign_coef, linear_coef);
+        for (int e = 0; e < V; ++e) {
+          result.v[e] = grad_of<T, true>(in.v[e], result.v[e], sign_coef, linear_coef);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          result.v[e] = grad_of<T, false>(in.v[e], T(0), sign_coef, linear_coef);
+        }
       }
       ov[i] = result;
     }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <unordered_set>
 #include <vector>
 
 #include "backend.h"
@@ -115,11 +116,16 @@ void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
 
   // Fast path: gradient and parameter share one dense layout and the gradient
   // is updated in place. Otherwise the update is computed densely, then added.
+  // A gradient listed twice (a parameter passed twice) is updated in place
+  // only once: the kernels update all tensors concurrently, and two
+  // read-modify-writes of the same memory would race.
   const std::vector<at::Tensor> dense = as_dense(params);
   std::vector<at::Tensor> targets(grads.size());
   std::vector<size_t> staged;
+  std::unordered_set<const void*> updated_in_place;
   for (size_t t = 0; t < grads.size(); ++t) {
-    if (grads[t].is_non_overlapping_and_dense() && grads[t].strides() == dense[t].strides()) {
+    if (grads[t].is_non_overlapping_and_dense() && grads[t].strides() == dense[t].strides() &&
+        (grads[t].numel() == 0 || updated_in_place.insert(grads[t].data_ptr()).second)) {
       targets[t] = grads[t];
     } else {
       targets[t] = at::zeros_like(dense[t]);

@@ -260,12 +260,23 @@ def _unpermute_local(plan):
 
 
 def _unpermute_rows(plan, stats):
-    if plan.order == list(range(len(plan.order))):
-        return stats
     inverse = [0] * len(plan.order)
     for j, i in enumerate(plan.order):
         inverse[i] = j
-    return stats.index_select(0, torch.tensor(inverse, device=stats.device))
+    return _select_rows(stats, inverse)
+
+
+def _select_rows(stats, rows):
+    """stats[rows] from slices of consecutive rows: no index tensor to copy to the
+    device (a host-to-device copy would synchronize a GPU), one cat at most."""
+    if rows == list(range(stats.shape[0])):
+        return stats
+    runs, start = [], 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or rows[k] != rows[k - 1] + 1:
+            runs.append(stats[rows[start]:rows[k - 1] + 1])
+            start = k
+    return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
 def _local_of(p):
@@ -326,10 +337,7 @@ class _ShardedPenalty(torch.autograd.Function):
             return (None, None, None, None, *grads)
         rows = [j for j, i in enumerate(plan.order) if needed[i]]
         if rows:
-            if len(rows) == len(plan.order):
-                sub_stats = stats
-            else:
-                sub_stats = stats.index_select(0, torch.tensor(rows, device=stats.device))
+            sub_stats = _select_rows(stats, rows)
             # The local tensors again from the saved parameters (not kept from the
             # forward), so autograd's saved-tensor checks cover them.
             local = [_local_of(params[plan.order[j]]) for j in rows]
@@ -380,8 +388,7 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
                         f"{func}: params[{i}].grad has placements {p.grad.placements} but "
                         f"the parameter has {layout[1]}; they must match")
             local_grads.append(p.grad.to_local() if layout is not None else p.grad)
-        sub_stats = (stats if len(rows) == len(plan.order)
-                     else stats.index_select(0, torch.tensor(rows, device=stats.device)))
+        sub_stats = _select_rows(stats, rows)
         torch.ops.regext.penalty_grad_accumulate_(
             local_grads, [plan.local[j] for j in rows], sub_stats, l1, l2, l2_squared)
     return total

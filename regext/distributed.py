@@ -370,10 +370,26 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
     if not params:
         return torch.zeros(())
     plan = _make_plan(func, params)
+    rows = [j for j, i in enumerate(plan.order) if params[i].requires_grad]
+    dtensor = _dtensor_type()
+    for j in rows:  # every check before anything is sent or written
+        i = plan.order[j]
+        grad, layout = params[i].grad, plan.layouts[i]
+        if grad is None:
+            continue
+        if layout is None:
+            if dtensor is not None and isinstance(grad, dtensor):
+                raise ValueError(f"{func}: params[{i}] is a plain tensor but its .grad is "
+                                 f"a DTensor")
+        elif (not isinstance(grad, dtensor) or tuple(grad.placements) != layout[1]
+              or grad.device_mesh != layout[0]):
+            got = (f"placements {tuple(grad.placements)} on {grad.device_mesh}"
+                   if isinstance(grad, dtensor) else f"a plain {type(grad).__name__}")
+            raise ValueError(f"{func}: params[{i}].grad must be a DTensor with the "
+                             f"parameter's placements {layout[1]} on {layout[0]}, got {got}")
     with torch.no_grad():
         stats = _plan_stats(plan, l1, l2, l2_squared)
         total = total_from_stats(stats, l1, l2, l2_squared, _result_dtype(params))
-        rows = [j for j, i in enumerate(plan.order) if params[i].requires_grad]
         if not rows:
             return total
         local_grads = []
@@ -382,13 +398,8 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
             p, layout = params[i], plan.layouts[i]
             if p.grad is None:
                 p.grad = _as_grad(torch.zeros_like(plan.local[j]), layout)
-            elif layout is not None:
-                if tuple(p.grad.placements) != layout[1] or p.grad.device_mesh != layout[0]:
-                    raise ValueError(
-                        f"{func}: params[{i}].grad has placements {p.grad.placements} but "
-                        f"the parameter has {layout[1]}; they must match")
             local_grads.append(p.grad.to_local() if layout is not None else p.grad)
-        sub_stats = _select_rows(stats, rows)
         torch.ops.regext.penalty_grad_accumulate_(
-            local_grads, [plan.local[j] for j in rows], sub_stats, l1, l2, l2_squared)
+            local_grads, [plan.local[j] for j in rows], _select_rows(stats, rows), l1, l2,
+            l2_squared)
     return total

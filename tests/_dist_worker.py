@@ -407,7 +407,24 @@ def case_errors(rank, world):
             assert "one device" in str(e), str(e)
         else:
             raise AssertionError("local tensors on two devices were accepted")
+    # add_penalty_grad_dtensor_: a gradient whose placements differ from its
+    # parameter's is refused before anything is sent or written.
+    from torch.distributed.tensor import Replicate
+    from regext.distributed import add_penalty_grad_dtensor_
+    other = distribute(full_tensors([(4,)], [torch.float32], 16), mesh, [[Shard(0)]])[0]
+    wrong = distribute(full_tensors([(4,)], [torch.float32], 17), mesh, [[Replicate()]])[0]
+    sharded.grad = None
+    other.grad = wrong.detach()
+    with count_collectives() as log2:
+        try:
+            add_penalty_grad_dtensor_([sharded, other], 0.1, 0.1)
+        except ValueError as e:
+            assert "params[1].grad" in str(e) and "placements" in str(e), str(e)
+        else:
+            raise AssertionError("a Replicate gradient of a Shard(0) parameter was accepted")
+    assert sharded.grad is None, "a gradient was written before the checks passed"
     expect_no_collective(log)  # errors are raised before any communication
+    expect_no_collective(log2)
 
 
 @case(fsdp=True)

@@ -416,15 +416,23 @@ def _add_speedups(rows, set_name, phase):
 # --------------------------------------------------------------------------- plots
 
 
+def _colors():
+    import matplotlib
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {v: cycle[i % len(cycle)] for i, v in enumerate(VARIANTS)}  # same color everywhere
+
+
 def plot_speedups(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = _colors()
     sets = list(dict.fromkeys(r["set"] for r in rows))
     variants = [v for v in VARIANTS if v != "loop" and any(r["variant"] == v for r in rows)]
-    fig, axes = plt.subplots(1, len(PHASES), figsize=(6.5 * len(PHASES), 4.6), sharey=True)
+    fig, axes = plt.subplots(1, len(PHASES), figsize=(6.5 * len(PHASES), 4.8), sharey=True)
     width = 0.8 / max(1, len(variants))
+    values = []
     for ax, phase in zip(axes, PHASES):
         for i, variant in enumerate(variants):
             xs, ys = [], []
@@ -434,20 +442,24 @@ def plot_speedups(rows, path):
                 if row and row.get("speedup_vs_loop"):
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ys.append(row["speedup_vs_loop"])
-            bars = ax.bar(xs, ys, width, label=variant)
+            ax.bar(xs, ys, width, color=colors[variant])
+            values += ys
             for x, y in zip(xs, ys):
                 ax.annotate(f"{y:.1f}" if y < 10 else f"{y:.0f}", (x, y), ha="center",
-                            va="bottom", fontsize=7, xytext=(0, 1),
-                            textcoords="offset points", color=bars.patches[0].get_facecolor())
+                            va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(sets)))
         ax.set_xticklabels(sets, rotation=15)
-        ax.set_title(phase)
+        ax.set_title(f"{phase} (loop = 1)")
         ax.grid(axis="y", which="both", alpha=0.3)
+    if values:
+        axes[0].set_ylim(min(0.8, min(values) / 1.5), max(values) * 1.8)
     axes[0].set_ylabel("speed-up over the loop (x, log scale)")
-    axes[-1].legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=colors[v], label=v) for v in variants], loc="upper center",
+               ncol=len(variants), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -457,6 +469,7 @@ def plot_scaling(rows, path, env):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = _colors()
     fig, axes = plt.subplots(2, len(PHASES), figsize=(6.5 * len(PHASES), 8.5))
     for r, (sweep, xkey, xlabel) in enumerate([("count", "n_tensors", "number of tensors"),
                                                ("size", "numel", "total elements")]):
@@ -469,7 +482,7 @@ def plot_scaling(rows, path, env):
                 pts = sorted((row[xkey], row["median_ms"]) for row in sub
                              if row["variant"] == variant and row["phase"] == phase)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=variant)
+                    ax.plot(*zip(*pts), marker="o", label=variant, color=colors[variant])
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
@@ -487,7 +500,7 @@ def plot_scaling(rows, path, env):
 # --------------------------------------------------------------------------- main
 
 
-def environment(device, args, cfg_name):
+def environment(device, cfg_name):
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "device": device.type,
            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -560,7 +573,7 @@ def main(argv=None):
     set_names = args.sets or cfg["sets"]
     os.makedirs(args.out, exist_ok=True)
     clock = timing.Clock(device)
-    env = environment(device, args, cfg_name)
+    env = environment(device, cfg_name)
     cache_bytes = timing.last_level_cache_bytes(device)
     env["last_level_cache_bytes"] = cache_bytes
 

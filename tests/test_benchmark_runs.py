@@ -138,3 +138,42 @@ def test_compiled_variant_is_checked_and_its_compile_time_recorded(bench):
         assert summary["first_forward_ms"] > 0 and summary["first_forward+backward_ms"] > 0
     finally:
         torch._dynamo.reset()
+
+
+def _stand_in_add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
+    """The in-place API's semantics from the existing operators, for the benchmark's
+    own test until regext.add_penalty_grad_ exists."""
+    params = list(params)
+    with torch.no_grad():
+        total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.ops.regext.penalty_grad_accumulate_([p.grad for p in params], params, stats,
+                                                  l1, l2, l2_squared)
+    return total
+
+
+def test_run_set_times_every_variant_including_inplace(bench, monkeypatch):
+    if not hasattr(regext, "add_penalty_grad_"):
+        monkeypatch.setattr(regext, "add_penalty_grad_", _stand_in_add_penalty_grad_,
+                            raising=False)
+    logged = []
+    device = torch.device("cpu")
+    variants = bench.make_variants(device, False, logged.append)
+    assert [v.name for v in variants] == ["loop", "foreach", "regext", "regext_inplace"]
+    cfg = {"max_copies": 3, "warmup_rounds": 1}
+    progress = bench.Progress(total=3)
+    rows, failures = bench.run_set("tiny", [(30, 20), (20,), (1000,)], variants, device, cfg,
+                                   bench.timing.Clock(device), 1 << 20, progress,
+                                   budget_s=0.05, min_rounds=2, max_rounds=3)
+    progress.close()
+    assert failures == []
+    got = {(r["variant"], r["phase"]) for r in rows}
+    assert got == {(v, p) for v in ("loop", "foreach", "regext") for p in bench.PHASES} | {
+        ("regext_inplace", "forward+backward")}
+    n_bytes = 4 * (600 + 20 + 1000)
+    for row in rows:
+        assert row["check_passed"] and row["samples"] >= 2 and row["rotation_copies"] == 3
+        factor = 1 if row["phase"] == "forward" else 4 if row["variant"] == "regext_inplace" else 3
+        assert row["bytes"] == factor * n_bytes

@@ -501,18 +501,21 @@ def plot_scaling(rows, path, env):
 
 
 def environment(device, cfg_name):
+    # Thread-count variables are part of the command that reproduces a CPU run.
+    thread_env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                  if k in os.environ}
+    command = ([f"{k}={v}" for k, v in thread_env.items()]
+               + ["python", os.path.relpath(os.path.abspath(__file__), ROOT)] + sys.argv[1:])
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "device": device.type,
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "cpu_model": timing.cpu_model_name(), "regext": regext.__version__,
-           "regext_cuda_kernels": regext.cuda_available(),
+           "threads": torch.get_num_threads(), "thread_env": thread_env,
+           "cpu_count": os.cpu_count(), "cpu_model": timing.cpu_model_name(),
+           "regext": regext.__version__, "regext_cuda_kernels": regext.cuda_available(),
            "regext_inplace": hasattr(regext, "add_penalty_grad_"),
            "cuda": torch.version.cuda, "dtype": str(DTYPE).replace("torch.", ""),
            "l1": L1, "l2": L2, "l2_squared": False, "config": cfg_name,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)]
-                                           + sys.argv[1:]),
-           "loadavg_start": timing.load_average()}
+           "command": " ".join(command), "loadavg_start": timing.load_average()}
     try:
         env["affinity_cpus"] = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -20,11 +20,18 @@ namespace {
 // 32Ki elements: big enough that a chunk amortizes its bookkeeping, small
 // enough that 500 small tensors and one huge tensor both spread over all cores.
 constexpr int64_t kChunkElems = int64_t{1} << 15;
-// Below this many elements in total, threads cost more than they save.
-constexpr int64_t kMinParallelElems = int64_t{1} << 16;
+// Each thread gets at least this many elements (1 MiB of float32): below it,
+// waking a second thread costs more than the work it takes over, and on a
+// busy machine the wake-up can cost milliseconds.
+constexpr int64_t kMinElemsPerThread = int64_t{1} << 18;
 
+// at::parallel_for's grain, in chunks, so that no thread gets less than
+// kMinElemsPerThread elements on average. It never moves a chunk boundary.
 int64_t grain_in_chunks(const ChunkTable& table, int64_t total_elems) {
-  return total_elems < kMinParallelElems ? static_cast<int64_t>(table.chunks.size()) + 1 : 1;
+  const int64_t num_chunks = static_cast<int64_t>(table.chunks.size());
+  if (total_elems <= kMinElemsPerThread) return num_chunks + 1;  // one thread
+  const int64_t grain = (num_chunks * kMinElemsPerThread + total_elems - 1) / total_elems;
+  return std::max<int64_t>(grain, 1);
 }
 
 int64_t total_numel(at::TensorList tensors) {

@@ -1,11 +1,12 @@
 // The penalty operators, for every device: argument checks, dense views,
 // output allocation; the arithmetic is in the backends (csrc/backend.h).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
-#include <unordered_set>
 #include <vector>
 
+#include "aliasing.h"
 #include "backend.h"
 #include "chunking.h"
 #include "param_checks.h"
@@ -112,30 +113,43 @@ void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
     TORCH_CHECK_TYPE(grads[t].scalar_type() == params[t].scalar_type(), op, ": grads[", t,
                      "] has dtype ", grads[t].scalar_type(), " but params[", t, "] has dtype ",
                      params[t].scalar_type());
+    at::assert_no_internal_overlap(grads[t]);
   }
 
   // Fast path: gradient and parameter share one dense layout and the gradient
   // is updated in place. Otherwise the update is computed densely, then added.
-  // A gradient listed twice (a parameter passed twice) is updated in place
-  // only once: the kernels update all tensors concurrently, and two
-  // read-modify-writes of the same memory would race.
   const std::vector<at::Tensor> dense = as_dense(params);
   std::vector<at::Tensor> targets(grads.size());
-  std::vector<size_t> staged;
-  std::unordered_set<const void*> updated_in_place;
   for (size_t t = 0; t < grads.size(); ++t) {
-    if (grads[t].is_non_overlapping_and_dense() && grads[t].strides() == dense[t].strides() &&
-        (grads[t].numel() == 0 || updated_in_place.insert(grads[t].data_ptr()).second)) {
+    if (grads[t].is_non_overlapping_and_dense() && grads[t].strides() == dense[t].strides()) {
       targets[t] = grads[t];
     } else {
       targets[t] = at::zeros_like(dense[t]);
-      staged.push_back(t);
     }
   }
   const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
-  run_grads(device, GradRequest{dense, targets, stats, rows, one, l1, l2, l2_squared,
-                                /*accumulate=*/true});
-  for (size_t t : staged) grads[t].add_(targets[t]);
+  // A gradient listed twice (a parameter listed twice) gets both updates and
+  // is never raced on: the runs of gradients without shared memory (exact
+  // duplicates or overlapping views) are processed in list order
+  // (csrc/aliasing.h); without aliasing the whole list is one run, and no
+  // gradient-sized temporary is needed either way.
+  const std::vector<size_t> runs = alias_free_runs(grads);
+  for (size_t r = 0; r + 1 < runs.size(); ++r) {
+    const auto b = static_cast<std::ptrdiff_t>(runs[r]);
+    const auto e = static_cast<std::ptrdiff_t>(runs[r + 1]);
+    const bool whole = runs.size() == 2;
+    const std::vector<at::Tensor> run_dense =
+        whole ? dense : std::vector<at::Tensor>(dense.begin() + b, dense.begin() + e);
+    const std::vector<at::Tensor> run_targets =
+        whole ? targets : std::vector<at::Tensor>(targets.begin() + b, targets.begin() + e);
+    const std::vector<int64_t> run_rows =
+        whole ? rows : std::vector<int64_t>(rows.begin() + b, rows.begin() + e);
+    run_grads(device, GradRequest{run_dense, run_targets, stats, run_rows, one, l1, l2,
+                                  l2_squared, /*accumulate=*/true});
+    for (auto t = b; t < e; ++t) {
+      if (!targets[t].is_same(grads[t])) grads[t].add_(targets[t]);
+    }
+  }
 }
 
 }  // namespace

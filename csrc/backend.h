@@ -43,4 +43,21 @@ void penalty_grads(const GradRequest& request);
 }  // namespace cuda
 #endif
 
+// ---- Proximal steps and sparsity (operators: csrc/prox_ops.cpp) ----
+//
+// Same conventions: every tensor of `dense` is dense and is updated in place,
+// flat in memory order; the operator has already split the list into runs
+// without shared memory, so the tensors of one call never alias each other.
+namespace cpu {
+// x <- soft_threshold(x, threshold) (penalty_math.h) for every element.
+void prox_l1(const std::vector<at::Tensor>& dense, double threshold);
+// dense[t] *= group_shrink_scale(stats[t][1], threshold) (penalty_math.h); a
+// factor of exactly 1 leaves the tensor untouched. `stats` as above.
+void prox_group_l2(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
+                   double threshold);
+// counts[t] = the number of elements of dense[t] equal to +0 or -0; `counts`
+// is int64 [n] on the tensors' device.
+void count_zeros(const std::vector<at::Tensor>& dense, const at::Tensor& counts);
+}  // namespace cpu
+
 }  // namespace regext

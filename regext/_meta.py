@@ -33,3 +33,18 @@ def _penalty_backward_fake(grad_total, params, stats, l1, l2, l2_squared, stats_
 @torch.library.register_fake("regext::penalty_grad_accumulate_")
 def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared, stats_rows=None):
     return None
+
+
+@torch.library.register_fake("regext::prox_l1_")
+def _prox_l1_fake(params, threshold):
+    return None
+
+
+@torch.library.register_fake("regext::prox_group_l2_")
+def _prox_group_l2_fake(params, threshold):
+    return None
+
+
+@torch.library.register_fake("regext::count_zeros")
+def _count_zeros_fake(params):
+    return torch.empty((len(params),), dtype=torch.int64, device=_device_of(params))

@@ -1,0 +1,284 @@
+"""In-place training-loop helpers: the penalty gradient without autograd,
+proximal steps that make L1 produce exact zeros, and sparsity counts.
+
+    loss.backward()
+    regext.add_penalty_grad_(model.parameters(), l1, l2)   # p.grad += d(penalty)/dp
+    optimizer.step()
+
+    optimizer.step()                                        # gradient step on the data loss
+    regext.prox_l1_(model.parameters(), lr * l1)            # then shrink: exact zeros
+
+All of them validate every argument before anything is read or written, run
+under ``torch.no_grad()``, and make one fused operator call per device.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from regext._named import named_tensors
+from regext._validation import check_coefficient, materialize_params
+
+
+def _indices_by_device(params):
+    groups = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.device, []).append(i)
+    return list(groups.values())
+
+
+def _check_no_self_overlap(func, what, t):
+    """An in-place update needs each element to own its memory (no stride-0 dims)."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(f"{func}: {what} has overlapping memory (an expanded tensor, shape "
+                         f"{tuple(t.shape)}, stride {t.stride()}); it cannot be updated in place")
+
+
+def _check_writable(func, params):
+    for i, p in enumerate(params):
+        _check_no_self_overlap(func, f"params[{i}]", p)
+
+
+def _check_existing_grads(func, params):
+    """Every existing .grad of a parameter that requires grad must be usable in place."""
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            continue
+        g = p.grad
+        if g is None:
+            continue
+        where = f"{func}: params[{i}].grad"
+        if g.layout != torch.strided:
+            raise TypeError(f"{where} has layout {g.layout} (dtype {g.dtype}, device "
+                            f"{g.device}); only strided gradients are supported (a sparse "
+                            f"gradient, e.g. from nn.Embedding(sparse=True), is not)")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where} has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"{where} is on {g.device} but params[{i}] is on {p.device}")
+        if g.shape != p.shape:
+            raise ValueError(f"{where} has shape {tuple(g.shape)} but params[{i}] has shape "
+                             f"{tuple(p.shape)}")
+        _check_no_self_overlap(func, f"params[{i}].grad", g)
+
+
+def _rows(stats, rows, n):
+    if len(rows) == n:
+        return stats
+    return stats.index_select(0, torch.tensor(rows, dtype=torch.long, device=stats.device))
+
+
+def _add_grads_one_device(params, stats, total, l1, l2, l2_squared):
+    """p.grad += d(penalty)/dp for the parameters of one device that require grad."""
+    n = len(params)
+    existing, created, repeated = [], [], []  # row indices into params / stats
+    creating = set()
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            continue
+        if p.grad is not None:
+            existing.append(i)
+        elif id(p) in creating:
+            repeated.append(i)  # listed again: add to the gradient created below
+        else:
+            creating.add(id(p))
+            created.append(i)
+
+    def accumulate(rows):
+        if rows:
+            ps = [params[i] for i in rows]
+            torch.ops.regext.penalty_grad_accumulate_(
+                [p.grad for p in ps], ps, _rows(stats, rows, n), l1, l2, l2_squared)
+
+    # Existing gradients first: the operator checks them all before writing any.
+    accumulate(existing)
+    if created:
+        ps = [params[i] for i in created]
+        # Out of place, straight into new tensors: no zeros-then-add pass.
+        ones = torch.ones((), dtype=total.dtype, device=total.device)
+        grads = torch.ops.regext.penalty_backward(ones, ps, _rows(stats, created, n), l1, l2,
+                                                  l2_squared)
+        for p, g in zip(ps, grads):
+            p.grad = g
+    accumulate(repeated)
+
+
+def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
+    """Adds the gradient of ``l1·Σ‖p‖₁ + l2·Σ‖p‖₂`` into every ``p.grad``, in place.
+
+    Call it after ``loss.backward()`` instead of adding ``fused_penalty`` to the loss:
+    the gradients are the same, but no autograd graph is built and no
+    gradient-sized temporary is made. One read of the parameters computes the
+    norms, one more pass adds the gradient (one fused call each per device).
+
+    Args:
+        params: any iterable of floating-point tensors, e.g. ``model.parameters()``.
+            Tensors that do not require grad count in the returned value but their
+            ``.grad`` is left alone. A ``.grad`` that is ``None`` is created (with
+            the parameter's dtype and memory layout). A tensor listed twice gets
+            twice the gradient, as with ``fused_penalty``.
+        l1, l2, l2_squared: as in :func:`regext.fused_penalty`.
+
+    Returns:
+        The penalty value, a detached 0-dim tensor with ``fused_penalty``'s dtype and
+        device rules (float64 if any parameter is float64, else float32; on the
+        first parameter's device). An empty iterable gives ``tensor(0.)``.
+
+    Raises:
+        ValueError: a bad ``l1``/``l2``; an existing ``.grad`` with the wrong shape or
+            device, or with overlapping memory.
+        TypeError: an element that is not a strided real floating-point tensor; an
+            existing ``.grad`` that is sparse or of another dtype.
+        All are raised before any gradient is touched.
+    """
+    func = "add_penalty_grad_"
+    l1 = check_coefficient(func, "l1", l1)
+    l2 = check_coefficient(func, "l2", l2)
+    l2_squared = bool(l2_squared)
+    params = materialize_params(func, params)
+    _check_existing_grads(func, params)
+    if not params:
+        return torch.zeros(())
+    with torch.no_grad():
+        result = None
+        for rows in _indices_by_device(params):
+            group = params if len(rows) == len(params) else [params[i] for i in rows]
+            total, stats = torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
+            _add_grads_one_device(group, stats, total, l1, l2, l2_squared)
+            result = total if result is None else result + total.to(result.device)
+    return result
+
+
+def prox_l1_(params, threshold):
+    """Soft-thresholding in place: ``x ← sign(x)·max(|x| − threshold, 0)``.
+
+    The proximal step of ``threshold·‖x‖₁``: after a gradient step on the data loss
+    with learning rate ``lr``, ``prox_l1_(params, lr * l1)`` completes one step of
+    proximal gradient descent (ISTA) on ``loss + l1·Σ‖p‖₁``. Unlike a subgradient
+    step, which leaves weights jittering around zero, it sets every ``|x| <= threshold``
+    to exactly ``+0``. One fused pass over all tensors (per device).
+
+    Args:
+        params: any iterable of floating-point tensors; they may require grad (the
+            update runs under ``torch.no_grad()`` and bumps their version counters)
+            and may be non-contiguous views. float16/bfloat16 compute in float32.
+            The list is processed in order, as one call per tensor would: a tensor
+            listed twice is thresholded twice (≈ once with ``2·threshold``).
+        threshold: a finite number >= 0. NaN stays NaN, ±inf stays ±inf.
+
+    Raises:
+        ValueError: ``threshold`` is not a finite number >= 0; a tensor has
+            overlapping memory (stride 0).
+        TypeError: an element is not a strided real floating-point tensor.
+        All before anything is modified.
+    """
+    func = "prox_l1_"
+    threshold = check_coefficient(func, "threshold", threshold)
+    params = materialize_params(func, params)
+    _check_writable(func, params)
+    with torch.no_grad():
+        for rows in _indices_by_device(params):
+            torch.ops.regext.prox_l1_([params[i] for i in rows], threshold)
+
+
+def prox_group_l2_(params, threshold):
+    """Per-tensor group shrinkage in place: ``x ← x·max(0, 1 − threshold/‖x‖₂)``.
+
+    The proximal step of ``threshold·‖x‖₂`` for each tensor, i.e. of the
+    per-tensor-norm penalty ``fused_penalty(params, l2=...)`` (non-squared): a
+    tensor whose norm is at most ``threshold`` becomes all zeros (the whole group
+    is switched off), every other tensor is scaled towards zero. Norms are
+    accumulated in float64. A tensor whose norm is NaN or inf is left unchanged.
+    Same arguments, list-order semantics and errors as :func:`prox_l1_`.
+    """
+    func = "prox_group_l2_"
+    threshold = check_coefficient(func, "threshold", threshold)
+    params = materialize_params(func, params)
+    _check_writable(func, params)
+    with torch.no_grad():
+        for rows in _indices_by_device(params):
+            torch.ops.regext.prox_group_l2_([params[i] for i in rows], threshold)
+
+
+@dataclass(frozen=True)
+class TensorSparsity:
+    """Exact zeros of one tensor."""
+    name: str
+    shape: tuple
+    zeros: int
+    numel: int
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Exact zeros over a list of tensors and per tensor.
+
+    ``fraction`` is the overall fraction of exactly-zero elements; ``per_tensor``
+    lists a :class:`TensorSparsity` (``name``, ``shape``, ``zeros``, ``numel``,
+    ``fraction``) per tensor, in input order; ``as_dict()`` maps names to
+    fractions; ``str(report)`` is a printable table.
+    """
+    zeros: int
+    numel: int
+    per_tensor: tuple = field(default=())
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def as_dict(self) -> dict:
+        return {t.name: t.fraction for t in self.per_tensor}
+
+    def __str__(self) -> str:
+        width = max([len("tensor")] + [len(t.name) for t in self.per_tensor])
+        lines = [f"{'tensor':<{width}}  {'shape':>18}  {'zeros':>12}  {'numel':>12}  zero %"]
+        for t in self.per_tensor:
+            lines.append(f"{t.name:<{width}}  {str(tuple(t.shape)):>18}  {t.zeros:>12}  "
+                         f"{t.numel:>12}  {100 * t.fraction:6.2f}")
+        lines.append(f"{'total':<{width}}  {'':>18}  {self.zeros:>12}  {self.numel:>12}  "
+                     f"{100 * self.fraction:6.2f}")
+        return "\n".join(lines)
+
+
+def sparsity_report(params) -> SparsityReport:
+    """Counts exact zeros (+0 and -0; NaN is not zero) per tensor and overall.
+
+    Args:
+        params: an ``nn.Module`` (its named parameters), an iterable of
+            ``(name, tensor)`` pairs such as ``model.named_parameters()``, or an
+            iterable of tensors (named ``"0"``, ``"1"``, ...). A tensor listed
+            twice counts twice.
+
+    Returns:
+        A :class:`SparsityReport`. One fused counting pass per device and one
+        device-to-host copy of the counts.
+    """
+    return _report("sparsity_report", params)
+
+
+def _report(func, params) -> SparsityReport:
+    named = named_tensors(func, params)
+    tensors = [p for _, p in named]
+    counts = [0] * len(tensors)
+    with torch.no_grad():
+        for rows in _indices_by_device(tensors):
+            got = torch.ops.regext.count_zeros([tensors[i] for i in rows]).tolist()
+            for i, c in zip(rows, got):
+                counts[i] = c
+    per_tensor = tuple(TensorSparsity(name, tuple(p.shape), c, p.numel())
+                       for (name, p), c in zip(named, counts))
+    return SparsityReport(zeros=sum(counts), numel=sum(t.numel for t in per_tensor),
+                          per_tensor=per_tensor)
+
+
+def sparsity(params) -> float:
+    """The fraction of exactly-zero elements over all tensors, a float in [0, 1].
+
+    ``params`` as in :func:`sparsity_report` (which also gives the per-tensor
+    breakdown). 0.0 when there are no elements at all.
+    """
+    return _report("sparsity", params).fraction

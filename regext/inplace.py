@@ -21,6 +21,12 @@ from regext._validation import check_coefficient, materialize_params
 
 
 def _indices_by_device(params):
+    """Positions of the tensors on each device, in order of first appearance."""
+    if not params:
+        return []
+    first = params[0].device
+    if all(p.device == first for p in params):
+        return [range(len(params))]
     groups = {}
     for i, p in enumerate(params):
         groups.setdefault(p.device, []).append(i)
@@ -36,30 +42,61 @@ def _check_no_self_overlap(func, what, t):
 
 def _check_writable(func, params):
     for i, p in enumerate(params):
-        _check_no_self_overlap(func, f"params[{i}]", p)
+        if not p.is_contiguous():
+            _check_no_self_overlap(func, f"params[{i}]", p)
 
 
-def _check_existing_grads(func, params):
-    """Every existing .grad of a parameter that requires grad must be usable in place."""
+def _bad_grad(func, i, p, g):
+    """The error for an existing .grad that cannot be updated in place, if any."""
+    where = f"{func}: params[{i}].grad"
+    if g.layout != torch.strided:
+        return TypeError(f"{where} has layout {g.layout} (dtype {g.dtype}, device {g.device}); "
+                         f"only strided gradients are supported (a sparse gradient, e.g. from "
+                         f"nn.Embedding(sparse=True), is not)")
+    if g.dtype != p.dtype:
+        return TypeError(f"{where} has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+    if g.device != p.device:
+        return ValueError(f"{where} is on {g.device} but params[{i}] is on {p.device}")
+    if g.shape != p.shape:
+        return ValueError(f"{where} has shape {tuple(g.shape)} but params[{i}] has shape "
+                          f"{tuple(p.shape)}")
+    try:
+        _check_no_self_overlap(func, f"params[{i}].grad", g)
+    except ValueError as e:
+        return e
+    return None
+
+
+# What add_penalty_grad_ does with each parameter.
+_SKIP, _ACCUMULATE, _CREATE, _REPEAT = range(4)
+
+
+def _plan(func, params):
+    """Checks every existing .grad and decides, per parameter, before anything is written:
+    skip (no grad required), accumulate into the existing .grad, create the .grad, or
+    accumulate into the .grad created for an earlier entry of the same tensor."""
+    plan = []
+    creating = set()
     for i, p in enumerate(params):
         if not p.requires_grad:
+            plan.append(_SKIP)
             continue
         g = p.grad
         if g is None:
+            if id(p) in creating:
+                plan.append(_REPEAT)
+            else:
+                creating.add(id(p))
+                plan.append(_CREATE)
             continue
-        where = f"{func}: params[{i}].grad"
-        if g.layout != torch.strided:
-            raise TypeError(f"{where} has layout {g.layout} (dtype {g.dtype}, device "
-                            f"{g.device}); only strided gradients are supported (a sparse "
-                            f"gradient, e.g. from nn.Embedding(sparse=True), is not)")
-        if g.dtype != p.dtype:
-            raise TypeError(f"{where} has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
-        if g.device != p.device:
-            raise ValueError(f"{where} is on {g.device} but params[{i}] is on {p.device}")
-        if g.shape != p.shape:
-            raise ValueError(f"{where} has shape {tuple(g.shape)} but params[{i}] has shape "
-                             f"{tuple(p.shape)}")
-        _check_no_self_overlap(func, f"params[{i}].grad", g)
+        # The common case costs a few attribute reads; messages are built only on failure.
+        if not (g.layout is torch.strided and g.dtype is p.dtype and g.shape == p.shape
+                and g.device == p.device and g.is_contiguous()):
+            error = _bad_grad(func, i, p, g)
+            if error is not None:
+                raise error
+        plan.append(_ACCUMULATE)
+    return plan
 
 
 def _rows(stats, rows, n):
@@ -68,21 +105,12 @@ def _rows(stats, rows, n):
     return stats.index_select(0, torch.tensor(rows, dtype=torch.long, device=stats.device))
 
 
-def _add_grads_one_device(params, stats, total, l1, l2, l2_squared):
-    """p.grad += d(penalty)/dp for the parameters of one device that require grad."""
+def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
+    """p.grad += d(penalty)/dp for the parameters of one device, following `plan`."""
     n = len(params)
-    existing, created, repeated = [], [], []  # row indices into params / stats
-    creating = set()
-    for i, p in enumerate(params):
-        if not p.requires_grad:
-            continue
-        if p.grad is not None:
-            existing.append(i)
-        elif id(p) in creating:
-            repeated.append(i)  # listed again: add to the gradient created below
-        else:
-            creating.add(id(p))
-            created.append(i)
+
+    def rows_of(kind):
+        return [i for i, k in enumerate(plan) if k == kind]
 
     def accumulate(rows):
         if rows:
@@ -91,7 +119,8 @@ def _add_grads_one_device(params, stats, total, l1, l2, l2_squared):
                 [p.grad for p in ps], ps, _rows(stats, rows, n), l1, l2, l2_squared)
 
     # Existing gradients first: the operator checks them all before writing any.
-    accumulate(existing)
+    accumulate(rows_of(_ACCUMULATE))
+    created = rows_of(_CREATE)
     if created:
         ps = [params[i] for i in created]
         # Out of place, straight into new tensors: no zeros-then-add pass.
@@ -100,7 +129,7 @@ def _add_grads_one_device(params, stats, total, l1, l2, l2_squared):
                                                   l2_squared)
         for p, g in zip(ps, grads):
             p.grad = g
-    accumulate(repeated)
+    accumulate(rows_of(_REPEAT))
 
 
 def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
@@ -134,17 +163,24 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
     func = "add_penalty_grad_"
     l1 = check_coefficient(func, "l1", l1)
     l2 = check_coefficient(func, "l2", l2)
-    l2_squared = bool(l2_squared)
     params = materialize_params(func, params)
-    _check_existing_grads(func, params)
+    return _add_penalty_grad(func, params, l1, l2, bool(l2_squared))
+
+
+def _add_penalty_grad(func, params, l1, l2, l2_squared):
+    """add_penalty_grad_ for an already checked list and coefficients (Penalty caches them)."""
+    plan = _plan(func, params)
     if not params:
         return torch.zeros(())
     with torch.no_grad():
         result = None
         for rows in _indices_by_device(params):
-            group = params if len(rows) == len(params) else [params[i] for i in rows]
+            if len(rows) == len(params):
+                group, group_plan = params, plan
+            else:
+                group, group_plan = [params[i] for i in rows], [plan[i] for i in rows]
             total, stats = torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
-            _add_grads_one_device(group, stats, total, l1, l2, l2_squared)
+            _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared)
             result = total if result is None else result + total.to(result.device)
     return result
 

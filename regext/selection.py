@@ -13,8 +13,8 @@ import torch
 
 from regext._named import named_tensors
 from regext._validation import check_coefficient
-from regext.inplace import add_penalty_grad_, prox_group_l2_, prox_l1_
-from regext.penalty import fused_penalty
+from regext.inplace import _add_penalty_grad, prox_group_l2_, prox_l1_
+from regext.penalty import _FusedPenalty, fused_penalty
 
 _OVERRIDE_KEYS = ("l1", "l2", "l2_squared")
 
@@ -175,7 +175,15 @@ class Penalty:
         """The penalty over the selected parameters, differentiable (0-dim tensor)."""
         total = None
         for params, l1, l2, l2_squared in self._calls:
-            value = fused_penalty(params, l1, l2, l2_squared=l2_squared)
+            try:
+                # The parameters were checked when the Penalty was built: go straight to
+                # the fused operator (one device, plain tensors: the usual case).
+                value = _FusedPenalty.apply(l1, l2, l2_squared, *params)
+            except Exception:
+                # Anything else (parameters on several devices, tensor subclasses, a
+                # parameter whose dtype changed): the public path, which handles it or
+                # raises its usual error. The failed attempt computed nothing.
+                value = fused_penalty(params, l1, l2, l2_squared=l2_squared)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
@@ -184,7 +192,7 @@ class Penalty:
         require grad (see :func:`regext.add_penalty_grad_`); returns the detached value."""
         total = None
         for params, l1, l2, l2_squared in self._calls:
-            value = add_penalty_grad_(params, l1, l2, l2_squared=l2_squared)
+            value = _add_penalty_grad("Penalty.add_grad_", params, l1, l2, l2_squared)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 

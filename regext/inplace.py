@@ -99,15 +99,12 @@ def _plan(func, params):
     return plan
 
 
-def _rows(stats, rows, n):
-    if len(rows) == n:
-        return stats
-    return stats.index_select(0, torch.tensor(rows, dtype=torch.long, device=stats.device))
-
-
 def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
     """p.grad += d(penalty)/dp for the parameters of one device, following `plan`."""
     n = len(params)
+
+    def stats_rows(rows):  # which stats row each listed parameter uses; None: all, in order
+        return None if len(rows) == n else rows
 
     def rows_of(kind):
         return [i for i, k in enumerate(plan) if k == kind]
@@ -116,7 +113,7 @@ def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
         if rows:
             ps = [params[i] for i in rows]
             torch.ops.regext.penalty_grad_accumulate_(
-                [p.grad for p in ps], ps, _rows(stats, rows, n), l1, l2, l2_squared)
+                [p.grad for p in ps], ps, stats, l1, l2, l2_squared, stats_rows(rows))
 
     # Existing gradients first: the operator checks them all before writing any.
     accumulate(rows_of(_ACCUMULATE))
@@ -125,8 +122,8 @@ def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
         ps = [params[i] for i in created]
         # Out of place, straight into new tensors: no zeros-then-add pass.
         ones = torch.ones((), dtype=total.dtype, device=total.device)
-        grads = torch.ops.regext.penalty_backward(ones, ps, _rows(stats, created, n), l1, l2,
-                                                  l2_squared)
+        grads = torch.ops.regext.penalty_backward(ones, ps, stats, l1, l2, l2_squared,
+                                                  stats_rows(created))
         for p, g in zip(ps, grads):
             p.grad = g
     accumulate(rows_of(_REPEAT))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from regext import distributed
+from regext._fallback import group_shrink_scale_reference
 from regext._named import named_tensors
 from regext._validation import check_coefficient, materialize_params
 
@@ -166,6 +168,10 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
 
 def _add_penalty_grad(func, params, l1, l2, l2_squared):
     """add_penalty_grad_ for an already checked list and coefficients (Penalty caches them)."""
+    if distributed.has_dtensor(params):
+        # Sharded parameters (FSDP2 / DTensor): local shards, one all_reduce of the
+        # per-tensor sums, gradients as DTensors with the parameters' placements.
+        return distributed.add_penalty_grad_dtensor_(params, l1, l2, l2_squared, func=func)
     plan = _plan(func, params)
     if not params:
         return torch.zeros(())
@@ -209,6 +215,10 @@ def prox_l1_(params, threshold):
     threshold = check_coefficient(func, "threshold", threshold)
     params = materialize_params(func, params)
     _check_writable(func, params)
+    if distributed.has_dtensor(params):
+        # Elementwise: every rank thresholds its own shard (and its replicated copies,
+        # identically) where it lies. No communication.
+        params = [distributed._local_of(p) for p in params]
     with torch.no_grad():
         for rows in _indices_by_device(params):
             torch.ops.regext.prox_l1_([params[i] for i in rows], threshold)
@@ -228,9 +238,64 @@ def prox_group_l2_(params, threshold):
     threshold = check_coefficient(func, "threshold", threshold)
     params = materialize_params(func, params)
     _check_writable(func, params)
+    if distributed.has_dtensor(params):
+        _prox_group_l2_dtensor(func, params, threshold)
+        return
     with torch.no_grad():
         for rows in _indices_by_device(params):
             torch.ops.regext.prox_group_l2_([params[i] for i in rows], threshold)
+
+
+def _distinct_runs(params):
+    """[start, end) runs of the list in which no tensor object repeats."""
+    runs, start, seen = [], 0, set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            runs.append((start, i))
+            start, seen = i, set()
+        seen.add(id(p))
+    if params:
+        runs.append((start, len(params)))
+    return runs
+
+
+def _prox_group_l2_dtensor(func, params, threshold):
+    """prox_group_l2_ for a list holding DTensors: the norms are those of the whole
+    tensors (regext.distributed.global_stats: one all_reduce if any is sharded), the
+    scaling is applied to each rank's local shard. List order as in the operator: a
+    tensor listed again starts a new run, which sees the first shrinkage."""
+    with torch.no_grad():
+        for start, end in _distinct_runs(params):
+            local, stats = distributed.global_stats(params[start:end], func=func)
+            scales = group_shrink_scale_reference(stats[:, 1], threshold)
+            for x, scale in zip(local, scales):
+                if x.numel():
+                    product = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) \
+                        else torch.float64
+                    x.copy_(x.to(product) * scale.to(product))
+
+
+def _zero_counts(func, tensors):
+    """Exact zeros per tensor (ints), over whole DTensors when there are any."""
+    counts = [0] * len(tensors)
+    if not tensors:
+        return counts
+    with torch.no_grad():
+        if distributed.has_dtensor(tensors):
+            # Count on the local shards, then add the shards' counts across ranks with
+            # the plan of the penalty (one all_reduce; replicated copies counted once).
+            plan = distributed._make_plan(func, tensors)
+            local_counts = torch.ops.regext.count_zeros(plan.local)
+            rows = torch.zeros((len(tensors), 2), dtype=torch.float64,
+                               device=local_counts.device)
+            rows[:, 0] = local_counts  # exact in float64 below 2**53
+            rows = distributed._unpermute_rows(plan, distributed._reduce_rows(plan, rows))
+            return [int(c) for c in rows[:, 0].tolist()]
+        for rows in _indices_by_device(tensors):
+            got = torch.ops.regext.count_zeros([tensors[i] for i in rows]).tolist()
+            for i, c in zip(rows, got):
+                counts[i] = c
+    return counts
 
 
 @dataclass(frozen=True)
@@ -295,13 +360,7 @@ def sparsity_report(params) -> SparsityReport:
 
 def _report(func, params) -> SparsityReport:
     named = named_tensors(func, params)
-    tensors = [p for _, p in named]
-    counts = [0] * len(tensors)
-    with torch.no_grad():
-        for rows in _indices_by_device(tensors):
-            got = torch.ops.regext.count_zeros([tensors[i] for i in rows]).tolist()
-            for i, c in zip(rows, got):
-                counts[i] = c
+    counts = _zero_counts(func, [p for _, p in named])
     per_tensor = tuple(TensorSparsity(name, tuple(p.shape), c, p.numel())
                        for (name, p), c in zip(named, counts))
     return SparsityReport(zeros=sum(counts), numel=sum(t.numel for t in per_tensor),

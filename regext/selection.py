@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from regext import distributed
 from regext._named import named_tensors
 from regext._validation import check_coefficient
 from regext.inplace import _add_penalty_grad, prox_group_l2_, prox_l1_
@@ -98,7 +99,9 @@ class Penalty:
     to the fused operators. The parameter *objects* are cached, so moving the model
     with ``model.to(...)`` (which updates parameters in place) is fine, but
     parameters replaced or added after construction are not seen: build a new
-    Penalty then.
+    Penalty then, and build it after wrapping the model (FSDP2's ``fully_shard``
+    replaces parameters with DTensors; those are supported, as in
+    :func:`regext.fused_penalty`).
 
     Use:
         ``pen()``: the penalty as a differentiable 0-dim tensor (add it to the loss).
@@ -166,15 +169,21 @@ class Penalty:
             PenaltyGroup(l1=k[0], l2=k[1], l2_squared=k[2], names=tuple(n for n, _ in members),
                          params=tuple(p for _, p in members))
             for k, members in groups.items())
-        # What each call iterates over: plain lists, cheap to pass to the operators.
-        self._calls = tuple((list(g.params), g.l1, g.l2, g.l2_squared) for g in self._groups)
+        # What each call iterates over: plain lists, cheap to pass to the operators,
+        # and whether the list holds DTensors (FSDP2): those take fused_penalty's path.
+        self._calls = tuple((list(g.params), g.l1, g.l2, g.l2_squared,
+                             distributed.has_dtensor(g.params)) for g in self._groups)
 
     # -- the penalty ---------------------------------------------------------------
 
     def __call__(self):
         """The penalty over the selected parameters, differentiable (0-dim tensor)."""
         total = None
-        for params, l1, l2, l2_squared in self._calls:
+        for params, l1, l2, l2_squared, sharded in self._calls:
+            if sharded:
+                value = fused_penalty(params, l1, l2, l2_squared=l2_squared)
+                total = value if total is None else total + value.to(total.device)
+                continue
             try:
                 # The parameters were checked when the Penalty was built: go straight to
                 # the fused operator (one device, plain tensors: the usual case).
@@ -191,7 +200,7 @@ class Penalty:
         """``p.grad += d(penalty)/dp`` in place for the selected parameters that
         require grad (see :func:`regext.add_penalty_grad_`); returns the detached value."""
         total = None
-        for params, l1, l2, l2_squared in self._calls:
+        for params, l1, l2, l2_squared, _ in self._calls:
             value = _add_penalty_grad("Penalty.add_grad_", params, l1, l2, l2_squared)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
@@ -212,12 +221,14 @@ class Penalty:
         """
         lr = check_coefficient("Penalty.prox_", "lr", lr)
         with torch.no_grad():
-            for params, l1, l2, l2_squared in self._calls:
+            for params, l1, l2, l2_squared, sharded in self._calls:
                 if l1 > 0.0:
                     prox_l1_(params, lr * l1)
                 if l2 > 0.0:
                     if l2_squared:
-                        torch._foreach_mul_(params, 1.0 / (1.0 + 2.0 * lr * l2))
+                        local = [distributed._local_of(p) for p in params] if sharded \
+                            else params
+                        torch._foreach_mul_(local, 1.0 / (1.0 + 2.0 * lr * l2))
                     else:
                         prox_group_l2_(params, lr * l2)
 

@@ -16,7 +16,7 @@ The goal (issue #5): regext_inplace >= 3x faster than compiled_loop and within
 1.5x of foreach_add.
 
     python benchmarks/bench_inplace.py [--device cpu|cuda] [--repeats 15] [--scale 1.0]
-        [--l2-squared] [--out DIR]
+        [--l2-squared] [--threads N] [--out DIR]
 """
 
 import argparse
@@ -75,9 +75,13 @@ def main(argv=None):
     parser.add_argument("--l2", type=float, default=1e-4)
     parser.add_argument("--l2-squared", action="store_true")
     parser.add_argument("--with-eager", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="write results.json here")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)

@@ -60,4 +60,13 @@ void prox_group_l2(const std::vector<at::Tensor>& dense, const at::Tensor& stats
 void count_zeros(const std::vector<at::Tensor>& dense, const at::Tensor& counts);
 }  // namespace cpu
 
+#ifdef REGEXT_WITH_CUDA
+namespace cuda {
+void prox_l1(const std::vector<at::Tensor>& dense, double threshold);
+void prox_group_l2(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
+                   double threshold);
+void count_zeros(const std::vector<at::Tensor>& dense, const at::Tensor& counts);
+}  // namespace cuda
+#endif
+
 }  // namespace regext

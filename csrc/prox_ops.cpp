@@ -1,9 +1,9 @@
 // The proximal and sparsity operators (schemas in csrc/ops.cpp), for every
 // device: argument checks, the list-order runs of aliasing tensors, dense
 // staging of strided views, output allocation. The arithmetic is in the
-// backends (csrc/backend.h): CPU in csrc/cpu/prox_cpu.cpp. CUDA tensors reach
-// the torch-op kernels of regext/_fallback.py until csrc/cuda implements the
-// cuda:: counterparts and they are registered below.
+// backends (csrc/backend.h): csrc/cpu/prox_cpu.cpp and csrc/cuda/prox_cuda.cu.
+// A build without CUDA kernels serves CUDA tensors with the torch-op kernels
+// of regext/_fallback.py.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
@@ -57,17 +57,28 @@ void update_in_place(at::TensorList params, Update&& update) {
   }
 }
 
-void cpu_only(const char* op, c10::Device device) {
+void check_backend(const char* op, c10::Device device) {
+#ifdef REGEXT_WITH_CUDA
+  if (device.is_cuda()) return;
+#endif
   TORCH_CHECK(device.is_cpu(), op, ": no compiled kernel for device ", device);
 }
+
+// The backend's kernels for `device`: cpu:: or cuda:: (csrc/backend.h).
+#ifdef REGEXT_WITH_CUDA
+#define REGEXT_BACKEND_CALL(device, fn, ...) \
+  ((device).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#else
+#define REGEXT_BACKEND_CALL(device, fn, ...) cpu::fn(__VA_ARGS__)
+#endif
 
 void prox_l1_(at::TensorList params, double threshold) {
   constexpr const char* op = "regext::prox_l1_";
   check_threshold(op, threshold);
   const c10::Device device = check_mutable_list(op, params);
-  cpu_only(op, device);
+  check_backend(op, device);
   update_in_place(params, [&](const std::vector<at::Tensor>& dense) {
-    cpu::prox_l1(dense, threshold);
+    REGEXT_BACKEND_CALL(device, prox_l1, dense, threshold);
   });
 }
 
@@ -75,15 +86,16 @@ void prox_group_l2_(at::TensorList params, double threshold) {
   constexpr const char* op = "regext::prox_group_l2_";
   check_threshold(op, threshold);
   const c10::Device device = check_mutable_list(op, params);
-  cpu_only(op, device);
+  check_backend(op, device);
   const auto options = at::TensorOptions().device(device);
   update_in_place(params, [&](const std::vector<at::Tensor>& dense) {
     // The norms come from penalty_forward's own float64 stats pass.
     const at::Tensor stats = at::empty({static_cast<int64_t>(dense.size()), kStatsColumns},
                                        options.dtype(at::kDouble));
     const at::Tensor unused_total = at::empty({}, options.dtype(at::kDouble));
-    cpu::penalty_stats_and_total(dense, stats, unused_total, 0.0, 0.0, false);
-    cpu::prox_group_l2(dense, stats, threshold);
+    REGEXT_BACKEND_CALL(device, penalty_stats_and_total, dense, stats, unused_total, 0.0, 0.0,
+                        false);
+    REGEXT_BACKEND_CALL(device, prox_group_l2, dense, stats, threshold);
   });
 }
 
@@ -91,10 +103,10 @@ at::Tensor count_zeros(at::TensorList params) {
   constexpr const char* op = "regext::count_zeros";
   const c10::Device device = device_of(op, params);
   check_tensor_list(op, "params", params, device);
-  cpu_only(op, device);
+  check_backend(op, device);
   at::Tensor counts = at::empty({static_cast<int64_t>(params.size())},
                                 at::TensorOptions().device(device).dtype(at::kLong));
-  cpu::count_zeros(as_dense(params), counts);
+  REGEXT_BACKEND_CALL(device, count_zeros, as_dense(params), counts);
   return counts;
 }
 
@@ -105,5 +117,13 @@ TORCH_LIBRARY_IMPL(regext, CPU, m) {
   m.impl("prox_group_l2_", &prox_group_l2_);
   m.impl("count_zeros", &count_zeros);
 }
+
+#ifdef REGEXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(regext, CUDA, m) {
+  m.impl("prox_l1_", &prox_l1_);
+  m.impl("prox_group_l2_", &prox_group_l2_);
+  m.impl("count_zeros", &count_zeros);
+}
+#endif
 
 }  // namespace regext

@@ -14,8 +14,17 @@ import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+# torch locates the CUDA toolkit once, at import, from CUDA_HOME or `which nvcc`.
+# A wrapper script on PATH (as /usr/local/bin/nvcc on some machines) would make
+# it look for libcudart in /usr/local/lib; prefer the real toolkit directory.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            break
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,7 +57,7 @@ def _extension():
     # -ffp-contract=off: every ISA clone of the CPU loops must round alike.
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without the
     # flag it silently runs on one thread. The libgomp torch loaded is reused.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
     if sanitize:
         # -fno-wrapv: Python's own CFLAGS (which setuptools puts first) carry -fwrapv,
         # which defines signed overflow and so silently switches off UBSan's

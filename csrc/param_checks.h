@@ -11,6 +11,9 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
+
+#include <c10/util/OptionalArrayRef.h>
 
 namespace regext {
 
@@ -40,16 +43,46 @@ inline void check_coefficient(const char* op, const char* name, double value) {
                     " must be a finite number >= 0, got ", value);
 }
 
-// `stats` must be the [n, 2] float64 tensor penalty_forward produced for the same list.
-inline void check_stats(const char* op, const at::Tensor& stats, int64_t num_tensors,
-                        c10::Device device) {
+// `stats` must be an [n, 2] float64 tensor as penalty_forward produces it.
+inline void check_stats(const char* op, const at::Tensor& stats, c10::Device device) {
   TORCH_CHECK(stats.scalar_type() == c10::kDouble && stats.dim() == 2 &&
-                  stats.size(0) == num_tensors && stats.size(1) == 2 && stats.is_contiguous(),
-              op, ": stats must be a contiguous float64 tensor of shape [", num_tensors,
-              ", 2] (as returned by penalty_forward), got dtype ", stats.scalar_type(),
+                  stats.size(1) == 2 && stats.is_contiguous(),
+              op, ": stats must be a contiguous float64 tensor of shape [n, 2] "
+              "(as returned by penalty_forward), got dtype ", stats.scalar_type(),
               " and shape ", stats.sizes());
   TORCH_CHECK(stats.device() == device, op, ": stats is on ", stats.device(),
               " but the parameters are on ", device);
+}
+
+// The incoming gradient of the 0-dim penalty: one float32/float64 element on `device`.
+inline void check_grad_total(const char* op, const at::Tensor& grad_total, c10::Device device) {
+  TORCH_CHECK(grad_total.numel() == 1 && (grad_total.scalar_type() == c10::kFloat ||
+                                          grad_total.scalar_type() == c10::kDouble),
+              op, ": grad_total must be one float32 or float64 element, got dtype ",
+              grad_total.scalar_type(), " and shape ", grad_total.sizes());
+  TORCH_CHECK(grad_total.device() == device, op, ": grad_total is on ", grad_total.device(),
+              " but the parameters are on ", device);
+}
+
+// The row of `stats` for each parameter: stats_rows[t] if given, else t.
+inline std::vector<int64_t> resolve_stats_rows(const char* op,
+                                               c10::OptionalArrayRef<int64_t> stats_rows,
+                                               int64_t num_params, int64_t num_rows) {
+  std::vector<int64_t> rows(num_params);
+  if (!stats_rows.has_value()) {
+    TORCH_CHECK(num_rows == num_params, op, ": stats has ", num_rows,
+                " rows but there are ", num_params, " params (pass stats_rows for a subset)");
+    for (int64_t t = 0; t < num_params; ++t) rows[t] = t;
+    return rows;
+  }
+  TORCH_CHECK(static_cast<int64_t>(stats_rows->size()) == num_params, op, ": stats_rows has ",
+              stats_rows->size(), " entries but there are ", num_params, " params");
+  for (int64_t t = 0; t < num_params; ++t) {
+    rows[t] = (*stats_rows)[t];
+    TORCH_CHECK(rows[t] >= 0 && rows[t] < num_rows, op, ": stats_rows[", t, "] = ", rows[t],
+                " is out of range for stats with ", num_rows, " rows");
+  }
+  return rows;
 }
 
 // Mutated lists (gradients) must match their parameters element by element.

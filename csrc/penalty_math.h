@@ -86,4 +86,40 @@ C10_HOST_DEVICE inline GradCoefficients grad_coefficients(
   return c;
 }
 
+// ---- Proximal steps and sparsity (prox_l1_, prox_group_l2_, count_zeros) ----
+
+// Soft-thresholding, the proximal map of t * |x|:  sign(x) * max(|x| - t, 0).
+// Computed in T (float for float32/float16/bfloat16, double for float64) and
+// rounded once to the parameter's dtype. Every |x| <= t becomes +0 exactly,
+// so t = 0 changes nothing but -0 -> +0. NaN stays NaN and +-inf stays +-inf
+// (for finite t). |x| - t is exact whenever |x| <= 2t (Sterbenz), so applying
+// the step twice with t equals applying it once with 2t up to one rounding.
+template <typename T>
+C10_HOST_DEVICE inline T soft_threshold(T x, T t) {
+  const T magnitude = x < T(0) ? -x : x;  // NaN and -0 pass through unchanged
+  if (magnitude <= t) return T(0);        // false for NaN
+  const T shrunk = magnitude - t;
+  return x < T(0) ? -shrunk : shrunk;
+}
+
+// Group shrinkage, the proximal map of t * ||x||_2 for one whole tensor:
+//     x <- x * max(0, 1 - t / ||x||_2),
+// from sum_sq = sum x^2 (a `stats` column). The factor is 0 when ||x|| <= t
+// (an all-zero tensor stays zero, also for t = 0), 1 - t/||x|| in (0, 1]
+// otherwise, and exactly 1 when the norm is +inf or NaN: a tensor holding
+// NaN/inf is left unchanged (its non-finite entries stay visible) instead
+// of having every finite entry turned into NaN.
+C10_HOST_DEVICE inline double group_shrink_scale(double sum_sq, double t) {
+  const double norm = ::sqrt(sum_sq);
+  if (norm != norm) return 1.0;  // NaN
+  if (norm <= t) return 0.0;
+  return 1.0 - t / norm;         // 1 for an infinite norm
+}
+
+// An exact zero (+0 or -0) for count_zeros; NaN is not zero.
+template <typename T>
+C10_HOST_DEVICE inline bool is_exact_zero(T x) {
+  return x == T(0);
+}
+
 }  // namespace regext

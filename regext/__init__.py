@@ -12,7 +12,11 @@ import torch
 # which the fake kernels below attach to.
 from regext import _C  # noqa: F401
 from regext import _meta  # noqa: F401
+from regext import _fallback  # noqa: F401  (torch-op kernels where no CUDA kernel is compiled)
 from regext.penalty import fused_penalty
+from regext.inplace import (SparsityReport, TensorSparsity, add_penalty_grad_, prox_group_l2_,
+                            prox_l1_, sparsity, sparsity_report)
+from regext.selection import Penalty, PenaltyGroup
 from regext import reference
 
 __version__ = "0.1.0"
@@ -23,4 +27,6 @@ def cuda_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("regext::penalty_forward", "CUDA")
 
 
-__all__ = ["fused_penalty", "reference", "cuda_available", "__version__"]
+__all__ = ["fused_penalty", "add_penalty_grad_", "Penalty", "PenaltyGroup", "prox_l1_",
+           "prox_group_l2_", "sparsity", "sparsity_report", "SparsityReport",
+           "TensorSparsity", "reference", "cuda_available", "__version__"]

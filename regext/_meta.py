@@ -25,11 +25,26 @@ def _penalty_forward_fake(params, l1, l2, l2_squared):
 
 
 @torch.library.register_fake("regext::penalty_backward")
-def _penalty_backward_fake(grad_total, params, stats, l1, l2, l2_squared):
+def _penalty_backward_fake(grad_total, params, stats, l1, l2, l2_squared, stats_rows=None):
     # The kernels allocate each gradient with empty_like(param), as here.
     return [torch.empty_like(p) for p in params]
 
 
 @torch.library.register_fake("regext::penalty_grad_accumulate_")
-def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared):
+def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared, stats_rows=None):
     return None
+
+
+@torch.library.register_fake("regext::prox_l1_")
+def _prox_l1_fake(params, threshold):
+    return None
+
+
+@torch.library.register_fake("regext::prox_group_l2_")
+def _prox_group_l2_fake(params, threshold):
+    return None
+
+
+@torch.library.register_fake("regext::count_zeros")
+def _count_zeros_fake(params):
+    return torch.empty((len(params),), dtype=torch.int64, device=_device_of(params))

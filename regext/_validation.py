@@ -47,10 +47,24 @@ def materialize_params(func: str, params, arg: str = "params") -> list:
             raise TypeError(f"{func}: {arg}[{i}] has dtype {p.dtype} (device {p.device}); "
                             f"expected a real floating-point dtype "
                             f"(float16, bfloat16, float32 or float64)")
-        if p.is_meta != items[0].is_meta:
-            # Checked here, not when the per-device results are summed: by then the
-            # real tensors would have been reduced already.
-            raise TypeError(f"{func}: {arg}[{i}] is on {p.device} (dtype {p.dtype}) but "
-                            f"{arg}[0] is on {items[0].device}; meta tensors have no data "
-                            f"and cannot be mixed with real ones")
+    _check_meta_not_mixed(func, arg, items)
     return items
+
+
+def _check_meta_not_mixed(func, arg, items):
+    """Meta tensors (no data) cannot be summed with real ones: say so before any work.
+
+    Checked here, not when the per-device results are summed: by then the real
+    tensors would have been reduced already. Lists with DTensors are left to
+    regext.distributed, which requires all local tensors on one device.
+    """
+    mixed = next((i for i, p in enumerate(items) if p.is_meta != items[0].is_meta), None)
+    if mixed is None:
+        return
+    from regext.distributed import has_dtensor  # lazy: it imports this module
+    if has_dtensor(items):
+        return
+    p = items[mixed]
+    raise TypeError(f"{func}: {arg}[{mixed}] is on {p.device} (dtype {p.dtype}) but "
+                    f"{arg}[0] is on {items[0].device}; meta tensors have no data and cannot "
+                    f"be mixed with real ones")

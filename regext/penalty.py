@@ -3,6 +3,7 @@
 import torch
 
 from regext._validation import check_coefficient, materialize_params
+from regext.distributed import fused_penalty_dtensor, has_dtensor
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -33,17 +34,14 @@ class _FusedPenalty(torch.autograd.Function):
             for i, need in enumerate(needed):
                 if need:
                     grads[i] = _differentiable_grad(grad_total, params[i], l1, l2, l2_squared)
-        elif all(needed):
-            grads = torch.ops.regext.penalty_backward(grad_total, params, stats, l1, l2,
-                                                      l2_squared)
         else:
-            # Frozen parameters cost nothing: only the needed rows go to the kernel.
+            # Frozen parameters cost nothing: only the needed ones go to the kernel,
+            # each told its stats row (host metadata, no device gather).
             rows = [i for i, need in enumerate(needed) if need]
             if rows:
-                index = torch.tensor(rows, device=stats.device)
                 sub = torch.ops.regext.penalty_backward(
-                    grad_total, [params[i] for i in rows], stats.index_select(0, index), l1,
-                    l2, l2_squared)
+                    grad_total, [params[i] for i in rows], stats, l1, l2, l2_squared,
+                    None if len(rows) == len(params) else rows)
                 for i, g in zip(rows, sub):
                     grads[i] = g
         return (None, None, None, *grads)
@@ -76,6 +74,9 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False):
         params: any iterable of floating-point tensors, e.g. ``model.parameters()``.
             float16/bfloat16 accumulate in float32 or better; every tensor may have
             any layout (non-contiguous views are fine). A tensor listed twice counts twice.
+            DTensors (FSDP2 ``fully_shard``, tensor parallel) are accepted, alone or
+            mixed with plain tensors: the penalty is the one of the full tensors, at
+            the cost of one all_reduce for the whole list (see regext.distributed).
         l1: coefficient of the summed L1 norms (finite, >= 0).
         l2: coefficient of the summed L2 terms (finite, >= 0).
         l2_squared: if True the L2 term of each tensor is ``||p||_2 ** 2`` (ridge /
@@ -99,6 +100,9 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False):
     params = materialize_params("fused_penalty", params)
     if not params:
         return torch.zeros(())
+    if has_dtensor(params):
+        # Sharded (FSDP2 / DTensor) parameters: local shards, one all_reduce.
+        return fused_penalty_dtensor(params, l1, l2, l2_squared)
     first_device = params[0].device
     if all(p.device == first_device for p in params):
         return _FusedPenalty.apply(l1, l2, l2_squared, *params)

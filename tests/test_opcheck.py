@@ -38,3 +38,30 @@ def test_opcheck_penalty_grad_accumulate(device, gen):
     _, stats = torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
     torch.library.opcheck(torch.ops.regext.penalty_grad_accumulate_.default,
                           (grads, params, stats, 0.1, 0.2, False))
+
+
+def test_opcheck_penalty_backward_with_stats_rows(device, gen):
+    params = _params(gen, device)
+    _, stats = torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
+    subset, rows = [params[4], params[0]], [4, 0]
+    grad_total = torch.tensor(0.5, device=device)
+    torch.library.opcheck(torch.ops.regext.penalty_backward.default,
+                          (grad_total, subset, stats, 0.1, 0.2, False, rows))
+    got = torch.ops.regext.penalty_backward(grad_total, subset, stats, 0.1, 0.2, False, rows)
+    full = torch.ops.regext.penalty_backward(grad_total, params, stats, 0.1, 0.2, False)
+    assert torch.equal(got[0], full[4]) and torch.equal(got[1], full[0])
+    with pytest.raises(RuntimeError, match=r"stats_rows\[1\] = 9 is out of range"):
+        torch.ops.regext.penalty_backward(grad_total, subset, stats, 0.1, 0.2, False, [4, 9])
+
+
+def test_grad_accumulate_with_a_gradient_listed_twice(device, gen):
+    (p,) = random_params(gen, [(300_000,)], device=device, requires_grad=False)
+    grad = torch.randn(p.shape, generator=gen).to(device)
+    expected = grad.clone()
+    _, stats = torch.ops.regext.penalty_forward([p], 0.1, 0.2, False)
+    once = [g.clone() for g in [expected]]
+    torch.ops.regext.penalty_grad_accumulate_(once, [p], stats, 0.1, 0.2, False)
+    delta = once[0] - expected
+    torch.ops.regext.penalty_grad_accumulate_([grad, grad], [p, p], stats, 0.1, 0.2, False,
+                                              [0, 0])
+    torch.testing.assert_close(grad, expected + 2 * delta)

@@ -142,6 +142,38 @@ REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_c
   penalty_grad_impl<T, double>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
 }
 
+template <typename T, typename Compute>
+REGEXT_INLINE void soft_threshold_impl(T* x, int64_t n, double t) {
+  const Compute tc = static_cast<Compute>(t);
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<T>(soft_threshold<Compute>(static_cast<Compute>(x[i]), tc));
+  }
+}
+
+template <typename T, typename Compute>
+REGEXT_INLINE void scale_impl(T* x, int64_t n, double scale) {
+  const Compute s = static_cast<Compute>(scale);
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<T>(static_cast<Compute>(x[i]) * s);
+  }
+}
+
+template <typename T>
+REGEXT_INLINE int64_t count_zeros_impl(const T* x, int64_t n) {
+  int64_t zeros = 0;
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    // +-0 in both 16-bit formats: every bit but the sign is clear.
+    for (int64_t i = 0; i < n; ++i) {
+      unsigned short bits;
+      __builtin_memcpy(&bits, x + i, sizeof(bits));
+      zeros += (bits & 0x7fffu) == 0;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) zeros += is_exact_zero(x[i]);
+  }
+  return zeros;
+}
+
 }  // namespace
 
 REGEXT_ISA_CLONES AbsSqSums abs_sq_sums(const float* x, int64_t n) {
@@ -165,13 +197,52 @@ REGEXT_ISA_CLONES void penalty_grad(const double* x, double* out, int64_t n, dou
                                     double linear_coef, double linear_scale, bool accumulate) {
   penalty_grad_any<double>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
 }
-REGEXT_ISA_CLONES void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n, double sign_coef,
-                                    double linear_coef, double linear_scale, bool accumulate) {
+REGEXT_ISA_CLONES void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n,
+                                    double sign_coef, double linear_coef, double linear_scale,
+                                    bool accumulate) {
   penalty_grad_any<c10::Half>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
 }
-REGEXT_ISA_CLONES void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n, double sign_coef,
-                                    double linear_coef, double linear_scale, bool accumulate) {
+REGEXT_ISA_CLONES void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n,
+                                    double sign_coef, double linear_coef, double linear_scale,
+                                    bool accumulate) {
   penalty_grad_any<c10::BFloat16>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
+}
+
+REGEXT_ISA_CLONES void soft_threshold_(float* x, int64_t n, double t) {
+  soft_threshold_impl<float, float>(x, n, t);
+}
+REGEXT_ISA_CLONES void soft_threshold_(double* x, int64_t n, double t) {
+  soft_threshold_impl<double, double>(x, n, t);
+}
+REGEXT_ISA_CLONES void soft_threshold_(c10::Half* x, int64_t n, double t) {
+  soft_threshold_impl<c10::Half, float>(x, n, t);
+}
+REGEXT_ISA_CLONES void soft_threshold_(c10::BFloat16* x, int64_t n, double t) {
+  soft_threshold_impl<c10::BFloat16, float>(x, n, t);
+}
+
+REGEXT_ISA_CLONES void scale_(float* x, int64_t n, double scale) {
+  scale_impl<float, double>(x, n, scale);
+}
+REGEXT_ISA_CLONES void scale_(double* x, int64_t n, double scale) {
+  scale_impl<double, double>(x, n, scale);
+}
+REGEXT_ISA_CLONES void scale_(c10::Half* x, int64_t n, double scale) {
+  scale_impl<c10::Half, float>(x, n, scale);
+}
+REGEXT_ISA_CLONES void scale_(c10::BFloat16* x, int64_t n, double scale) {
+  scale_impl<c10::BFloat16, float>(x, n, scale);
+}
+
+REGEXT_ISA_CLONES int64_t count_zeros(const float* x, int64_t n) { return count_zeros_impl(x, n); }
+REGEXT_ISA_CLONES int64_t count_zeros(const double* x, int64_t n) {
+  return count_zeros_impl(x, n);
+}
+REGEXT_ISA_CLONES int64_t count_zeros(const c10::Half* x, int64_t n) {
+  return count_zeros_impl(x, n);
+}
+REGEXT_ISA_CLONES int64_t count_zeros(const c10::BFloat16* x, int64_t n) {
+  return count_zeros_impl(x, n);
 }
 
 }  // namespace regext::cpu

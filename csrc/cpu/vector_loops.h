@@ -35,4 +35,23 @@ void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n, double sign_coe
 void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n, double sign_coef,
                   double linear_coef, double linear_scale, bool accumulate);
 
+// x[i] = sign(x[i]) * max(|x[i]| - t, 0) in place (regext::soft_threshold).
+void soft_threshold_(float* x, int64_t n, double t);
+void soft_threshold_(double* x, int64_t n, double t);
+void soft_threshold_(c10::Half* x, int64_t n, double t);
+void soft_threshold_(c10::BFloat16* x, int64_t n, double t);
+
+// x[i] = x[i] * scale in place, rounded once to the dtype (float64 products for
+// float32/float64, float32 products for the half types, as torch computes them).
+void scale_(float* x, int64_t n, double scale);
+void scale_(double* x, int64_t n, double scale);
+void scale_(c10::Half* x, int64_t n, double scale);
+void scale_(c10::BFloat16* x, int64_t n, double scale);
+
+// The number of elements equal to +0 or -0 in x[0, n).
+int64_t count_zeros(const float* x, int64_t n);
+int64_t count_zeros(const double* x, int64_t n);
+int64_t count_zeros(const c10::Half* x, int64_t n);
+int64_t count_zeros(const c10::BFloat16* x, int64_t n);
+
 }  // namespace regext::cpu

@@ -1,0 +1,303 @@
+// CUDA backend of the penalty operators (interface: csrc/backend.h).
+//
+// Forward, per (dtype, batch of <= 1000 tensors):
+//   1. partial_sums_kernel: one block per 32Ki-element chunk of any tensor,
+//      reads it once (16-byte loads when aligned) and writes the chunk's
+//      (sum |x|, sum x^2) to its own slot. No atomics.
+//   2. combine_kernel: one block; warp w adds the slots of tensors w, w+16, ...
+//      in a fixed order into stats[row]. With a single batch the same block
+//      then computes the weighted total (no third launch).
+//   3. total_kernel: only when there were several batches (several dtypes or
+//      more than 1000 tensors): one block turns all of stats into the total.
+// Backward: grad_kernel, one block per chunk, one launch per batch; the
+// incoming gradient and the norms are read on the device: nothing here
+// synchronizes with the host, so a training step can be captured in a graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../backend.h"
+#include "../penalty_math.h"
+#include "block_reduce.cuh"
+#include "tensor_batch.cuh"
+
+namespace regext::cuda {
+namespace {
+
+constexpr int kBlockThreads = 512;
+constexpr int kCombineThreads = 512;
+
+// float32 and float64 accumulate in float64 (exactly as on the CPU, and no
+// overflow of x^2 for float32); float16/bfloat16 in float32, which cannot
+// overflow for float16 (65504^2 * 32Ki elements < 3.4e38).
+template <typename T> struct AccType { using type = double; };
+template <> struct AccType<c10::Half> { using type = float; };
+template <> struct AccType<c10::BFloat16> { using type = float; };
+
+// Gradients are computed in float32 except for float64, as on the CPU.
+template <typename T> struct GradComputeType { using type = float; };
+template <> struct GradComputeType<double> { using type = double; };
+
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ void accumulate(T value, Acc& abs_sum, Acc& sq_sum) {
+  const Acc x = static_cast<Acc>(static_cast<float>(value));
+  abs_sum += fabs(x);
+  sq_sum += x * x;
+}
+template <>
+__device__ __forceinline__ void accumulate<double, double>(double x, double& abs_sum,
+                                                           double& sq_sum) {
+  abs_sum += fabs(x);
+  sq_sum += x * x;
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ void accumulate_vec(const Vec16<T>& vec, Acc& abs_sum, Acc& sq_sum) {
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::kSize; ++k) accumulate<T, Acc>(vec.v[k], abs_sum, sq_sum);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    partial_sums_kernel(const __grid_constant__ TensorBatch batch, SumPair* __restrict__ partials) {
+  using Acc = typename AccType<T>::type;
+  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
+  const int j = owner_of_chunk(batch, chunk);
+  const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
+  const int n = static_cast<int>(min(kChunkElems, batch.numel[j] - begin));
+  const T* __restrict__ x = static_cast<const T*>(batch.inputs[j]) + begin;
+
+  Acc abs_sum = 0, sq_sum = 0;
+  int tail_start = 0;
+  if (aligned16(x)) {
+    constexpr int V = Vec16<T>::kSize;
+    const int num_vecs = n / V;
+    const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x);
+    const int stride = blockDim.x;
+    int i = threadIdx.x;
+    // Four independent 16-byte loads in flight per thread before any use.
+    for (; i + 3 * stride < num_vecs; i += 4 * stride) {
+      const Vec16<T> a = xv[i], b = xv[i + stride], c = xv[i + 2 * stride],
+                     d = xv[i + 3 * stride];
+      accumulate_vec(a, abs_sum, sq_sum);
+      accumulate_vec(b, abs_sum, sq_sum);
+      accumulate_vec(c, abs_sum, sq_sum);
+      accumulate_vec(d, abs_sum, sq_sum);
+    }
+    for (; i < num_vecs; i += stride) accumulate_vec(xv[i], abs_sum, sq_sum);
+    tail_start = num_vecs * V;
+  }
+  for (int i = tail_start + threadIdx.x; i < n; i += blockDim.x) {
+    accumulate<T, Acc>(x[i], abs_sum, sq_sum);
+  }
+  const SumPair total = block_sum(SumPair{static_cast<double>(abs_sum),
+                                          static_cast<double>(sq_sum)});
+  if (threadIdx.x == 0) partials[chunk] = total;
+}
+
+// Sums `stats` rows [0, num_rows) into the weighted penalty, written in float32
+// or float64. Called by all threads of one block.
+__device__ void write_total(const double* __restrict__ stats, int64_t num_rows, double l1,
+                            double l2, bool l2_squared, void* out, bool out_is_double) {
+  SumPair sums{0.0, 0.0};
+  for (int64_t r = threadIdx.x; r < num_rows; r += blockDim.x) {
+    sums.a += stats[r * kStatsColumns + 0];
+    sums.b += l2_term(stats[r * kStatsColumns + 1], l2_squared);
+  }
+  sums = block_sum(sums);
+  if (threadIdx.x == 0) {
+    PenaltyTotals totals;
+    totals.sum_l1 = sums.a;
+    totals.sum_l2 = sums.b;
+    const double value = totals.combine(l1, l2);
+    if (out_is_double) {
+      *static_cast<double*>(out) = value;
+    } else {
+      *static_cast<float*>(out) = static_cast<float>(value);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kCombineThreads)
+    combine_kernel(const __grid_constant__ TensorBatch batch, const SumPair* __restrict__ partials,
+                   double* __restrict__ stats, bool write_total_too, int64_t num_rows, double l1,
+                   double l2, bool l2_squared, void* total, bool total_is_double) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  for (int j = warp; j < batch.num_tensors; j += num_warps) {
+    SumPair sums{0.0, 0.0};
+    for (int32_t c = batch.chunk_prefix[j] + lane; c < batch.chunk_prefix[j + 1]; c += 32) {
+      sums.a += partials[c].a;
+      sums.b += partials[c].b;
+    }
+    sums = warp_sum(sums);
+    if (lane == 0) {
+      stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 0] = sums.a;
+      stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 1] = sums.b;
+    }
+  }
+  if (write_total_too) {
+    __syncthreads();  // makes this block's stats writes visible to all its threads
+    write_total(stats, num_rows, l1, l2, l2_squared, total, total_is_double);
+  }
+}
+
+__global__ void __launch_bounds__(kCombineThreads)
+    total_kernel(const double* __restrict__ stats, int64_t num_rows, double l1, double l2,
+                 bool l2_squared, void* total, bool total_is_double) {
+  write_total(stats, num_rows, l1, l2, l2_squared, total, total_is_double);
+}
+
+template <typename T, bool kAccumulate>
+__device__ __forceinline__ T grad_of(T x, T old, typename GradComputeType<T>::type sign_coef,
+                                     typename GradComputeType<T>::type linear_coef) {
+  using C = typename GradComputeType<T>::type;
+  const C v = static_cast<C>(x);
+  const C g = sign_coef * sign_of(v) + linear_coef * v;
+  return static_cast<T>(kAccumulate ? static_cast<C>(old) + g : g);
+}
+
+template <typename T, bool kAccumulate>
+__global__ void __launch_bounds__(kBlockThreads)
+    grad_kernel(const __grid_constant__ TensorBatch batch, const double* __restrict__ stats,
+                const void* grad_total, bool grad_total_is_double, double l1, double l2,
+                bool l2_squared) {
+  using C = typename GradComputeType<T>::type;
+  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
+  const int j = owner_of_chunk(batch, chunk);
+  const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
+  const int n = static_cast<int>(min(kChunkElems, batch.numel[j] - begin));
+  const T* __restrict__ x = static_cast<const T*>(batch.inputs[j]) + begin;
+  T* __restrict__ out = static_cast<T*>(batch.outputs[j]) + begin;
+
+  const double g = grad_total_is_double ? *static_cast<const double*>(grad_total)
+                                        : static_cast<double>(*static_cast<const float*>(grad_total));
+  const GradCoefficients k = grad_coefficients(
+      g, stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 1], l1, l2, l2_squared);
+  const C sign_coef = static_cast<C>(k.sign_coef);
+  const C linear_coef = static_cast<C>(k.linear_coef);
+
+  int tail_start = 0;
+  if (aligned16(x) && aligned16(out)) {
+    constexpr int V = Vec16<T>::kSize;
+    const int num_vecs = n / V;
+    const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x);
+    Vec16<T>* ov = reinterpret_cast<Vec16<T>*>(out);
+    // x and out are __restrict__: unrolling lets the loads of several
+    // iterations issue before the first store.
+#pragma unroll 4
+    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+      const Vec16<T> in = xv[i];
+      Vec16<T> result;
+      if constexpr (kAccumulate) {
+        result = ov[i];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          result.v[e] = grad_of<T, true>(in.v[e], result.v[e], sign_coef, linear_coef);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          result.v[e] = grad_of<T, false>(in.v[e], T(0), sign_coef, linear_coef);
+        }
+      }
+      ov[i] = result;
+    }
+    tail_start = num_vecs * V;
+  }
+  for (int i = tail_start + threadIdx.x; i < n; i += blockDim.x) {
+    out[i] = grad_of<T, kAccumulate>(x[i], kAccumulate ? out[i] : T(0), sign_coef, linear_coef);
+  }
+}
+
+template <typename Fn>
+void dispatch_float_types(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case c10::kDouble: fn(static_cast<double*>(nullptr)); break;
+    case c10::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
+    case c10::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "regext: unsupported dtype ", dtype);
+  }
+}
+
+std::vector<int64_t> identity_rows(size_t n) {
+  std::vector<int64_t> rows(n);
+  for (size_t t = 0; t < n; ++t) rows[t] = static_cast<int64_t>(t);
+  return rows;
+}
+
+}  // namespace
+
+void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
+                             const at::Tensor& total, double l1, double l2, bool l2_squared) {
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(stats.device().index());
+  const std::vector<BatchPlan> plans = plan_batches(dense, {}, identity_rows(dense.size()));
+  const int64_t num_rows = static_cast<int64_t>(dense.size());
+  const bool total_is_double = total.scalar_type() == at::kDouble;
+
+  // One slot per chunk, every slot written by exactly one block.
+  at::Tensor partials = at::empty({std::max<int64_t>(total_chunks(plans), 1), kStatsColumns},
+                                  stats.options());
+  auto* partial_slots = reinterpret_cast<SumPair*>(partials.data_ptr<double>());
+  for (const BatchPlan& plan : plans) {
+    if (plan.num_chunks == 0) continue;
+    dispatch_float_types(plan.dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      partial_sums_kernel<T><<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
+          plan.batch, partial_slots + plan.chunk_base);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const bool single_batch = plans.size() == 1;
+  for (const BatchPlan& plan : plans) {
+    combine_kernel<<<1, kCombineThreads, 0, stream>>>(
+        plan.batch, partial_slots + plan.chunk_base, stats.data_ptr<double>(), single_batch,
+        num_rows, l1, l2, l2_squared, total.data_ptr(), total_is_double);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!single_batch) {
+    total_kernel<<<1, kCombineThreads, 0, stream>>>(stats.const_data_ptr<double>(), num_rows, l1,
+                                                    l2, l2_squared, total.data_ptr(),
+                                                    total_is_double);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void penalty_grads(const GradRequest& r) {
+  const c10::cuda::CUDAGuard guard(r.stats.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(r.stats.device().index());
+  const std::vector<BatchPlan> plans = plan_batches(r.dense, r.targets, r.rows);
+  const bool grad_is_double = r.grad_total.scalar_type() == at::kDouble;
+  for (const BatchPlan& plan : plans) {
+    if (plan.num_chunks == 0) continue;
+    dispatch_float_types(plan.dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const auto launch = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
+            plan.batch, r.stats.const_data_ptr<double>(), r.grad_total.const_data_ptr(),
+            grad_is_double, r.l1, r.l2, r.l2_squared);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (r.accumulate) launch(grad_kernel<T, true>); else launch(grad_kernel<T, false>);
+    });
+  }
+}
+
+}  // namespace regext::cuda

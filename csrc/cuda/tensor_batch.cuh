@@ -1,0 +1,119 @@
+// Multi-tensor launches: how a list of tensors travels to one kernel.
+//
+// A TensorBatch describes up to kMaxTensorsPerLaunch tensors of one dtype
+// entirely inside the kernel argument (addresses, 64-bit sizes, output rows
+// and a chunk prefix), so a launch needs no host-to-device copy and can be
+// captured in a CUDA graph. The grid has one block per chunk: block b works
+// on chunk b - chunk_prefix[j] of the tensor j with
+// chunk_prefix[j] <= b < chunk_prefix[j + 1].
+//
+// Lessons from earlier multi-tensor code, built in here:
+// - sizes and offsets are int64 (tensors beyond 2^31 elements work);
+// - every tensor keeps an explicit output row, so skipping or splitting never
+//   shifts a result onto the wrong tensor; zero-element tensors stay in the
+//   batch with zero chunks and still get their (zero) row written;
+// - the capacity is set from the 32 KiB kernel-parameter limit of CUDA 12.1+
+//   and checked at compile time; larger lists take more launches, never one
+//   launch per tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace regext::cuda {
+
+// Elements per chunk (one block each): 32Ki, as on the CPU.
+constexpr int64_t kChunkElems = int64_t{1} << 15;
+constexpr int kMaxTensorsPerLaunch = 1000;
+
+struct TensorBatch {
+  const void* inputs[kMaxTensorsPerLaunch];
+  void* outputs[kMaxTensorsPerLaunch];  // gradients (backward only)
+  int64_t numel[kMaxTensorsPerLaunch];
+  int32_t row[kMaxTensorsPerLaunch];    // stats row of each tensor
+  int32_t chunk_prefix[kMaxTensorsPerLaunch + 1];
+  int32_t num_tensors;
+};
+
+// Kernel parameters may total 32764 bytes (CUDA 12.1+, sm_70+); leave room
+// for the scalar arguments that travel beside the batch.
+static_assert(sizeof(TensorBatch) <= 32764 - 256, "TensorBatch exceeds the parameter limit");
+
+struct BatchPlan {
+  TensorBatch batch;
+  c10::ScalarType dtype;
+  int64_t num_chunks;   // chunk_prefix[num_tensors]
+  int64_t chunk_base;   // first slot of this batch in a shared partial-sums buffer
+};
+
+// Groups tensors by dtype (first-seen order), then cuts each group into
+// batches of at most kMaxTensorsPerLaunch tensors and INT32_MAX chunks.
+// `outputs`, when non-empty, must be parallel to `inputs`.
+inline std::vector<BatchPlan> plan_batches(const std::vector<at::Tensor>& inputs,
+                                           const std::vector<at::Tensor>& outputs,
+                                           const std::vector<int64_t>& rows) {
+  std::vector<c10::ScalarType> dtypes;
+  for (const auto& t : inputs) {
+    bool seen = false;
+    for (auto d : dtypes) seen = seen || d == t.scalar_type();
+    if (!seen) dtypes.push_back(t.scalar_type());
+  }
+  std::vector<BatchPlan> plans;
+  int64_t chunk_base = 0;
+  for (auto dtype : dtypes) {
+    BatchPlan* plan = nullptr;
+    for (size_t t = 0; t < inputs.size(); ++t) {
+      if (inputs[t].scalar_type() != dtype) continue;
+      const int64_t chunks = (inputs[t].numel() + kChunkElems - 1) / kChunkElems;
+      TORCH_CHECK(chunks < std::numeric_limits<int32_t>::max(), "regext: tensor too large");
+      if (plan == nullptr || plan->batch.num_tensors == kMaxTensorsPerLaunch ||
+          plan->num_chunks + chunks > std::numeric_limits<int32_t>::max()) {
+        if (plan != nullptr) chunk_base += plan->num_chunks;
+        plans.emplace_back();
+        plan = &plans.back();
+        plan->batch.num_tensors = 0;
+        plan->batch.chunk_prefix[0] = 0;
+        plan->dtype = dtype;
+        plan->num_chunks = 0;
+        plan->chunk_base = chunk_base;
+      }
+      TensorBatch& b = plan->batch;
+      const int j = b.num_tensors++;
+      b.inputs[j] = inputs[t].const_data_ptr();
+      b.outputs[j] = outputs.empty() ? nullptr : outputs[t].data_ptr();
+      b.numel[j] = inputs[t].numel();
+      b.row[j] = static_cast<int32_t>(rows[t]);
+      plan->num_chunks += chunks;
+      b.chunk_prefix[j + 1] = static_cast<int32_t>(plan->num_chunks);
+    }
+    if (plan != nullptr) chunk_base += plan->num_chunks;
+  }
+  return plans;
+}
+
+inline int64_t total_chunks(const std::vector<BatchPlan>& plans) {
+  int64_t n = 0;
+  for (const auto& p : plans) n += p.num_chunks;
+  return n;
+}
+
+#ifdef __CUDACC__
+// The tensor that owns chunk `chunk` of this launch: the largest j with
+// chunk_prefix[j] <= chunk. Zero-chunk tensors share their prefix with the
+// next tensor and are never chosen. Same answer in every thread: broadcast
+// reads of the parameter bank.
+__device__ __forceinline__ int owner_of_chunk(const TensorBatch& b, int32_t chunk) {
+  int lo = 0, hi = b.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (b.chunk_prefix[mid] <= chunk) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+#endif
+
+}  // namespace regext::cuda

@@ -1,0 +1,43 @@
+"""Turning "a module, named pairs, or plain tensors" into a checked list of (name, tensor)."""
+
+import torch
+
+from regext._validation import materialize_params
+
+
+def _is_named_pair(item) -> bool:
+    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor))
+
+
+def named_tensors(func: str, source, *, require_names: bool = False) -> list:
+    """[(name, tensor)] from an nn.Module, an iterable of (name, tensor) pairs, or
+    (unless require_names) an iterable of tensors, which are named "0", "1", ....
+
+    A module contributes ``module.named_parameters()``: a parameter shared by two
+    submodules (tied weights) appears once. Element checks are those of
+    ``materialize_params`` (TypeError naming the position).
+    """
+    if isinstance(source, torch.nn.Module):
+        items = list(source.named_parameters())
+    else:
+        if isinstance(source, torch.Tensor):
+            materialize_params(func, source)  # raises the "single Tensor" TypeError
+        try:
+            items = list(source)
+        except TypeError:
+            raise TypeError(f"{func}: expected an nn.Module or an iterable of (name, tensor) "
+                            f"pairs{'' if require_names else ' or of tensors'}, "
+                            f"got {type(source).__name__}") from None
+        if items and all(_is_named_pair(item) for item in items):
+            pass
+        elif require_names:
+            for i, item in enumerate(items):
+                if not _is_named_pair(item):
+                    raise TypeError(
+                        f"{func}: element {i} is a {type(item).__name__}, not a (name, tensor) "
+                        f"pair; pass a module or module.named_parameters()")
+        else:
+            items = [(str(i), p) for i, p in enumerate(items)]
+    materialize_params(func, [p for _, p in items])
+    return items

@@ -1,0 +1,179 @@
+"""The benchmark (benchmarks/bench_penalty.py) runs end to end and writes what it
+promises: results.json with its schema, every timed variant checked against the
+loop, and PNG charts. No speed is ever asserted."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import regext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+BENCH = os.path.join(BENCH_DIR, "bench_penalty.py")
+ROW_KEYS = {"set", "variant", "phase", "device", "median_ms", "speedup_vs_loop", "gbps",
+            "pct_of_ceiling"}
+TIMEOUT_S = 900  # --quick takes under a minute on an idle 2-core CPU; CI may be loaded
+
+
+def _run(args, prelude=""):
+    """Runs the benchmark in a subprocess; `prelude` is Python run before it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    code = (f"import runpy, sys\n{prelude}\nsys.argv = {[BENCH] + args!r}\n"
+            f"runpy.run_path({BENCH!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc
+
+
+def _check_rows(rows):
+    for row in rows:
+        assert ROW_KEYS <= row.keys(), row
+        assert row["check_passed"] is True, row
+        assert row["device"] == "cpu"
+        assert row["variant"] in ("loop", "foreach", "compiled", "regext", "regext_inplace")
+        assert row["phase"] in ("forward", "forward+backward")
+        assert row["median_ms"] > 0 and row["gbps"] > 0 and row["pct_of_ceiling"] > 0
+        if row["variant"] == "loop":
+            assert row["speedup_vs_loop"] == 1.0
+        else:
+            assert row["speedup_vs_loop"] > 0
+
+
+def test_quick_benchmark_writes_json_table_and_charts(tmp_path):
+    proc = _run(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    env = data["env"]
+    assert {"torch", "device_name", "threads", "ceiling_gbps", "command"} <= env.keys()
+    assert env["torch"] == torch.__version__ and env["ceiling_gbps"] > 0
+    assert data["failures"] == []
+
+    rows = data["results"]
+    _check_rows(rows)
+    _check_rows(data["scaling"])
+    assert {r["set"] for r in rows} == {"resnet18", "small500"}
+    expected = {"loop", "foreach", "regext"}
+    if hasattr(regext, "add_penalty_grad_"):
+        expected.add("regext_inplace")
+    for s in ("resnet18", "small500"):
+        assert {r["variant"] for r in rows if r["set"] == s} == expected
+        for phase in ("forward", "forward+backward"):
+            assert any(r["set"] == s and r["phase"] == phase for r in rows)
+    assert {r["sweep"] for r in data["scaling"]} == {"count", "size"}
+
+    assert "median ms" in proc.stdout and "vs loop" in proc.stdout  # the table
+    assert (tmp_path / "results.md").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        for png in ("speedup.png", "scaling.png"):
+            with open(tmp_path / png, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_runs_without_tqdm_and_matplotlib(tmp_path):
+    # A GPU machine may lack both: plain progress lines, no charts, same JSON.
+    block = "sys.modules['tqdm'] = None\nsys.modules['matplotlib'] = None"
+    proc = _run(["--quick", "--sets", "small500", "--out", str(tmp_path)], prelude=block)
+    data = json.loads((tmp_path / "results.json").read_text())
+    _check_rows(data["results"])
+    assert {r["set"] for r in data["results"]} == {"small500"}
+    assert not (tmp_path / "speedup.png").exists()
+    assert "no PNG charts" in proc.stderr and "[1/" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark module, imported (it puts benchmarks/ on sys.path itself)."""
+    spec = importlib.util.spec_from_file_location("bench_penalty", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parameter_sets_match_the_models(bench):
+    sets = bench.param_sets
+    for name, (n_tensors, n_params) in sets.PARAMETER_COUNTS.items():
+        shapes = sets.PARAM_SETS[name][0]()
+        assert (len(shapes), sets.numel(shapes)) == (n_tensors, n_params), name
+    small = sets.small500()
+    assert len(small) == 500
+    assert min(sets.numel([s]) for s in small) >= 1024
+    assert max(sets.numel([s]) for s in small) <= 16384
+    assert sets.numel(sets.split_shapes(1000, 7)) == 1000
+
+
+def test_checks_reject_a_wrong_variant(bench):
+    params = bench.param_sets.make_params([(40, 30), (30,), (500,)], torch.device("cpu"))
+    ref = bench.reference(params)
+    clock = bench.timing.Clock("cpu")
+    good = bench.Variant("regext", lambda ps: regext.fused_penalty(ps, bench.L1, bench.L2))
+    off = bench.Variant("off", lambda ps: regext.fused_penalty(ps, bench.L1, bench.L2) * 1.01)
+    # right value, wrong gradient (the L2 term's gradient dropped)
+    detached = bench.Variant("grad", lambda ps: (
+        regext.fused_penalty(ps, bench.L1, 0.0)
+        + bench.L2 * sum(torch.linalg.vector_norm(p.detach()) for p in ps)))
+    for phase in bench.PHASES:
+        assert bench.check_variant(good, phase, params, ref, clock)["check_passed"]
+        assert not bench.check_variant(off, phase, params, ref, clock)["check_passed"]
+    assert bench.check_variant(detached, "forward", params, ref, clock)["check_passed"]
+    assert not bench.check_variant(detached, "forward+backward", params, ref,
+                                   clock)["check_passed"]
+
+
+def test_compiled_variant_is_checked_and_its_compile_time_recorded(bench):
+    params = bench.param_sets.make_params([(64, 32), (32,), (300,)], torch.device("cpu"))
+    ref = bench.reference(params)
+    compiled = bench.make_compiled()
+    try:
+        for phase in bench.PHASES:
+            result = bench.check_variant(compiled, phase, params, ref, bench.timing.Clock("cpu"))
+            assert result["check_passed"], result
+        summary = bench.compile_summary(compiled.compile_info)
+        assert summary["first_forward_ms"] > 0 and summary["first_forward+backward_ms"] > 0
+    finally:
+        torch._dynamo.reset()
+
+
+def _stand_in_add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
+    """The in-place API's semantics from the existing operators, for the benchmark's
+    own test until regext.add_penalty_grad_ exists."""
+    params = list(params)
+    with torch.no_grad():
+        total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.ops.regext.penalty_grad_accumulate_([p.grad for p in params], params, stats,
+                                                  l1, l2, l2_squared)
+    return total
+
+
+def test_run_set_times_every_variant_including_inplace(bench, monkeypatch):
+    if not hasattr(regext, "add_penalty_grad_"):
+        monkeypatch.setattr(regext, "add_penalty_grad_", _stand_in_add_penalty_grad_,
+                            raising=False)
+    logged = []
+    device = torch.device("cpu")
+    variants = bench.make_variants(device, False, logged.append)
+    assert [v.name for v in variants] == ["loop", "foreach", "regext", "regext_inplace"]
+    cfg = {"max_copies": 3, "warmup_rounds": 1}
+    progress = bench.Progress(total=3)
+    rows, failures = bench.run_set("tiny", [(30, 20), (20,), (1000,)], variants, device, cfg,
+                                   bench.timing.Clock(device), 1 << 20, progress,
+                                   budget_s=0.05, min_rounds=2, max_rounds=3)
+    progress.close()
+    assert failures == []
+    got = {(r["variant"], r["phase"]) for r in rows}
+    assert got == {(v, p) for v in ("loop", "foreach", "regext") for p in bench.PHASES} | {
+        ("regext_inplace", "forward+backward")}
+    n_bytes = 4 * (600 + 20 + 1000)
+    for row in rows:
+        assert row["check_passed"] and row["samples"] >= 2 and row["rotation_copies"] == 3
+        factor = 1 if row["phase"] == "forward" else 4 if row["variant"] == "regext_inplace" else 3
+        assert row["bytes"] == factor * n_bytes

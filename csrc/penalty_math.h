@@ -60,6 +60,18 @@ struct GradCoefficients {
   double split_scale = 0.0;
 };
 
+// Whether a gradient coefficient may be rounded to float32 for the float32
+// arithmetic of float32/float16/bfloat16 gradients. 1/||x|| leaves float32's
+// range for tensors of tiny or huge elements (||x|| < ~3e-39 made the factor
+// inf, and inf * 0 = NaN; ||x|| > ~1e38 / l2 made it subnormal or 0) although
+// every gradient element, l2 * x / ||x||, is at most l2 in magnitude. Kernels
+// compute in float64 when a coefficient does not fit: the choice depends only
+// on the tensor's coefficients, so results stay the same on every thread.
+C10_HOST_DEVICE inline bool coef_fits_float(double c) {
+  const double a = ::fabs(c);
+  return a == 0.0 || (a >= 1e-30 && a <= 1e30);
+}
+
 C10_HOST_DEVICE inline GradCoefficients grad_coefficients(
     double grad_out, double sum_sq, double l1, double l2, bool l2_squared) {
   GradCoefficients c;

@@ -91,8 +91,8 @@ REGEXT_INLINE AbsSqSums abs_sq_sums_impl(const T* x, int64_t n) {
 
 // Gradients of float32 and the half types are computed in float32 (as torch's
 // autograd of the loop does) and rounded once to the parameter's dtype, as
-// long as both coefficients are comfortably inside float32's range; otherwise
-// (see penalty_grad_any) in float64.
+// long as both coefficients are comfortably inside float32's range
+// (coef_fits_float, penalty_math.h); otherwise in float64.
 // kScaled: the linear term is (x * linear_scale) * linear_coef (float64 only).
 template <typename T, typename Compute, bool kScaled = false>
 REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_coef,
@@ -113,18 +113,6 @@ REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_
   }
 }
 
-// linear_coef = l2 / ||x|| leaves float32's range for tensors of tiny or huge
-// elements: ||x|| < ~3e-39 made it inf (and inf * 0 = NaN), ||x|| > ~1e38 / l2
-// made it subnormal or 0, although every gradient element, l2 * x / ||x||, is
-// at most l2 in magnitude. Such tensors take the float64 path; the rest keep
-// the float32 arithmetic, so the common case costs nothing extra. The choice
-// depends only on the tensor's coefficients: still the same bits on every
-// thread and every ISA.
-REGEXT_INLINE bool fits_float(double c) {
-  const double a = std::fabs(c);
-  return a == 0.0 || (a >= 1e-30 && a <= 1e30);
-}
-
 template <typename T>
 REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_coef,
                                     double linear_coef, double linear_scale, bool accumulate) {
@@ -134,7 +122,7 @@ REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_c
     return;
   }
   if constexpr (!std::is_same_v<T, double>) {
-    if (fits_float(sign_coef) && fits_float(linear_coef)) {
+    if (coef_fits_float(sign_coef) && coef_fits_float(linear_coef)) {
       penalty_grad_impl<T, float>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
       return;
     }

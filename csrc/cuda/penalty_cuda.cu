@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../backend.h"
@@ -31,14 +32,17 @@ namespace {
 constexpr int kBlockThreads = 512;
 constexpr int kCombineThreads = 512;
 
-// float32 and float64 accumulate in float64 (exactly as on the CPU, and no
-// overflow of x^2 for float32); float16/bfloat16 in float32, which cannot
-// overflow for float16 (65504^2 * 32Ki elements < 3.4e38).
+// float32, bfloat16 and float64 accumulate in float64 (exactly as on the CPU:
+// no overflow of x^2 for elements up to 3.4e38, no underflow for subnormal
+// ones); float16 in float32, which can neither overflow (65504^2 * 32Ki
+// elements < 3.4e38) nor underflow (the smallest float16, 6e-8, squared is a
+// normal float32). bfloat16 has float32's exponent range: x^2 of 1e20 or of
+// 1e-30 leaves float32's range.
 template <typename T> struct AccType { using type = double; };
 template <> struct AccType<c10::Half> { using type = float; };
-template <> struct AccType<c10::BFloat16> { using type = float; };
 
-// Gradients are computed in float32 except for float64, as on the CPU.
+// Gradients are computed in float32 except for float64, as on the CPU, and in
+// float64 when a coefficient does not fit float32 (coef_fits_float).
 template <typename T> struct GradComputeType { using type = float; };
 template <> struct GradComputeType<double> { using type = double; };
 
@@ -163,13 +167,53 @@ __global__ void __launch_bounds__(kCombineThreads)
   write_total(stats, num_rows, l1, l2, l2_squared, total, total_is_double);
 }
 
-template <typename T, bool kAccumulate>
-__device__ __forceinline__ T grad_of(T x, T old, typename GradComputeType<T>::type sign_coef,
-                                     typename GradComputeType<T>::type linear_coef) {
-  using C = typename GradComputeType<T>::type;
+// One gradient element in compute type C. kScaled: the linear term is
+// (x * scale) * linear_coef (GradCoefficients' split, float64 only).
+template <typename T, typename C, bool kAccumulate, bool kScaled>
+__device__ __forceinline__ T grad_of(T x, T old, C sign_coef, C linear_coef, C scale) {
   const C v = static_cast<C>(x);
-  const C g = sign_coef * sign_of(v) + linear_coef * v;
+  const C linear = kScaled ? (v * scale) * linear_coef : linear_coef * v;
+  const C g = sign_coef * sign_of(v) + linear;
   return static_cast<T>(kAccumulate ? static_cast<C>(old) + g : g);
+}
+
+template <typename T, typename C, bool kAccumulate, bool kScaled>
+__device__ __forceinline__ void grad_chunk(const T* __restrict__ x, T* __restrict__ out, int n,
+                                           C sign_coef, C linear_coef, C scale) {
+  int tail_start = 0;
+  if (aligned16(x) && aligned16(out)) {
+    constexpr int V = Vec16<T>::kSize;
+    const int num_vecs = n / V;
+    const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x);
+    Vec16<T>* ov = reinterpret_cast<Vec16<T>*>(out);
+    // x and out are __restrict__: unrolling lets the loads of several
+    // iterations issue before the first store.
+#pragma unroll 4
+    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
+      const Vec16<T> in = xv[i];
+      Vec16<T> result;
+      if constexpr (kAccumulate) {
+        result = ov[i];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          result.v[e] = grad_of<T, C, true, kScaled>(in.v[e], result.v[e], sign_coef,
+                                                     linear_coef, scale);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          result.v[e] = grad_of<T, C, false, kScaled>(in.v[e], T(0), sign_coef, linear_coef,
+                                                      scale);
+        }
+      }
+      ov[i] = result;
+    }
+    tail_start = num_vecs * V;
+  }
+  for (int i = tail_start + threadIdx.x; i < n; i += blockDim.x) {
+    out[i] = grad_of<T, C, kAccumulate, kScaled>(x[i], kAccumulate ? out[i] : T(0), sign_coef,
+                                                 linear_coef, scale);
+  }
 }
 
 template <typename T, bool kAccumulate>
@@ -189,40 +233,20 @@ __global__ void __launch_bounds__(kBlockThreads)
                                         : static_cast<double>(*static_cast<const float*>(grad_total));
   const GradCoefficients k = grad_coefficients(
       g, stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 1], l1, l2, l2_squared);
-  const C sign_coef = static_cast<C>(k.sign_coef);
-  const C linear_coef = static_cast<C>(k.linear_coef);
-
-  int tail_start = 0;
-  if (aligned16(x) && aligned16(out)) {
-    constexpr int V = Vec16<T>::kSize;
-    const int num_vecs = n / V;
-    const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x);
-    Vec16<T>* ov = reinterpret_cast<Vec16<T>*>(out);
-    // x and out are __restrict__: unrolling lets the loads of several
-    // iterations issue before the first store.
-#pragma unroll 4
-    for (int i = threadIdx.x; i < num_vecs; i += blockDim.x) {
-      const Vec16<T> in = xv[i];
-      Vec16<T> result;
-      if constexpr (kAccumulate) {
-        result = ov[i];
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          result.v[e] = grad_of<T, true>(in.v[e], result.v[e], sign_coef, linear_coef);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          result.v[e] = grad_of<T, false>(in.v[e], T(0), sign_coef, linear_coef);
-        }
-      }
-      ov[i] = result;
+  // The same choice for every thread of the block (one tensor per block).
+  if (k.split_scale != 0.0) {
+    grad_chunk<T, double, kAccumulate, true>(x, out, n, k.sign_coef, k.split_coef,
+                                             k.split_scale);
+    return;
+  }
+  if constexpr (!std::is_same_v<C, double>) {
+    if (coef_fits_float(k.sign_coef) && coef_fits_float(k.linear_coef)) {
+      grad_chunk<T, C, kAccumulate, false>(x, out, n, static_cast<C>(k.sign_coef),
+                                           static_cast<C>(k.linear_coef), C(1));
+      return;
     }
-    tail_start = num_vecs * V;
   }
-  for (int i = tail_start + threadIdx.x; i < n; i += blockDim.x) {
-    out[i] = grad_of<T, kAccumulate>(x[i], kAccumulate ? out[i] : T(0), sign_coef, linear_coef);
-  }
+  grad_chunk<T, double, kAccumulate, false>(x, out, n, k.sign_coef, k.linear_coef, 1.0);
 }
 
 template <typename Fn>

@@ -2,8 +2,10 @@
 # One prepared GPU check for a lent H100/H200 (torch 2.11+cu130, Python 3.12,
 # nvcc 13.0, compute-sanitizer; no network). Runs in the repository root:
 #   build in place -> CUDA tests -> compute-sanitizer memcheck + racecheck on a
-#   small case -> CUDA benchmark -> short table last. Full logs go to $OUT.
-# Usage (device tool): bash benchmarks/gpu_check.sh      (~4-6 minutes)
+#   small case -> robustness tests on CUDA -> compute-sanitizer memcheck +
+#   racecheck on the CUDA tests -> CUDA benchmark -> short table last. Full
+#   logs go to $OUT.
+# Usage (device tool): bash benchmarks/gpu_check.sh      (~8-12 minutes)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu_check_out}
 mkdir -p "$OUT"
@@ -40,6 +42,24 @@ for tool in memcheck racecheck; do
   timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 $PY "$OUT/sanitize_case.py" \
     > "$OUT/sanitizer_$tool.log" 2>&1
   status "compute-sanitizer $tool" "rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1)"
+done
+
+# Robustness tests on the GPU (issue #6): property tests against float64, range
+# (overflow/underflow), every size around the chunk boundaries, memory, threads.
+timeout 240 $PY -m pytest -q -p no:logging -k cuda tests/test_properties.py \
+  tests/test_overflow.py tests/test_boundaries.py tests/test_memory.py tests/test_threads.py \
+  > "$OUT/tests_robust.log" 2>&1
+status "tests (robustness, cuda)" "$(tail -n 1 "$OUT/tests_robust.log")"
+
+# compute-sanitizer on the CUDA tests themselves. Without the caching allocator
+# every tensor is its own cudaMalloc, so a read past a tensor's end is past an
+# allocation's end, which memcheck reports (inside a cached block it cannot).
+for tool in memcheck racecheck; do
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 REGEXT_HYPOTHESIS_PROFILE=sanitize timeout 180 \
+    compute-sanitizer --tool "$tool" --error-exitcode 9 $PY -m pytest -q -p no:logging -x \
+    -k cuda tests/test_boundaries.py tests/test_cuda.py tests/test_properties.py \
+    > "$OUT/sanitizer_tests_$tool.log" 2>&1
+  status "compute-sanitizer $tool tests" "rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_tests_$tool.log" | tail -n 1)"
 done
 
 timeout 150 $PY benchmarks/bench_penalty.py --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1

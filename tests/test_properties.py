@@ -55,6 +55,23 @@ GRAD_TOL_CUDA = {**GRAD_TOL, torch.float32: (1e-5, 1e-44)}
 CASES = {"run": 0, "tensors": 0, "elements": 0, "non_finite": 0}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while these tests run.
+
+    A generated list holds at most ~0.4M elements, below the CPU kernels'
+    threshold for a second thread, so nothing of regext is lost; but the float64
+    references are many small torch ops, and on a loaded 2-core machine every
+    OpenMP region can stall for a time slice: measured 9 s with one thread and
+    250 s with two for the same 400 cases. Threads are tested in test_threads.py
+    and test_determinism_accuracy.py.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _grads(value, params):
     want = [p for p in params if p.requires_grad]
     if not want or not value.requires_grad:

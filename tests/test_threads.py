@@ -19,18 +19,20 @@ import torch
 
 import regext
 
+from conftest import DEVICES
+
 THREADS = 8
 ROUNDS = 12
 
 
-def _params(seed):
+def _params(seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     sizes = [int(n) for n in torch.randint(1, 20_000, (12,), generator=gen)]
     sizes += [32768 * (1 + seed % 3) + seed]  # several chunks
     ps = [torch.randn(n, generator=gen).to(dtypes[(seed + i) % 4]) for i, n in enumerate(sizes)]
     ps.append(torch.randn(64, 48, generator=gen).t())  # transposed
-    return [p.requires_grad_() for p in ps]
+    return [p.to(device).requires_grad_() for p in ps]
 
 
 def _coefficients(seed):
@@ -73,8 +75,9 @@ def _assert_bitwise(got, want, what):
         assert torch.equal(a, b), f"{what}: result {i} differs from the single-threaded one"
 
 
-def test_threads_on_different_lists_get_their_own_exact_results():
-    lists = [_params(k) for k in range(THREADS)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_threads_on_different_lists_get_their_own_exact_results(device):
+    lists = [_params(k, device) for k in range(THREADS)]
     expected = [_fused(lists[k], k) for k in range(THREADS)]
 
     def work(k):

@@ -4,7 +4,8 @@ The C++ sources in csrc/ (schemas and CPU kernels) are always built. The CUDA
 kernels in csrc/cuda are added when torch was built with CUDA and either a GPU
 is visible or FORCE_CUDA=1 is set; TORCH_CUDA_ARCH_LIST picks the targets
 (default when no GPU is visible: sm_80 and sm_90). REGEXT_SANITIZE=1 builds
-the C++ with AddressSanitizer and UndefinedBehaviorSanitizer, unoptimized.
+the C++ with AddressSanitizer and UndefinedBehaviorSanitizer at -O1 (see
+.ci/sanitize for how to run it: libasan must be preloaded into Python).
 """
 
 import glob
@@ -58,11 +59,17 @@ def _extension():
     # flag it silently runs on one thread. The libgomp torch loaded is reused.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
     if sanitize:
-        cxx = ["-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer",
-               "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+        # -fno-wrapv: Python's own CFLAGS (which setuptools puts first) carry -fwrapv,
+        # which defines signed overflow and so silently switches off UBSan's
+        # signed-integer-overflow check. float-cast-overflow is not part of
+        # -fsanitize=undefined in GCC.
+        cxx = ["-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer", "-fno-wrapv",
+               "-fsanitize=address,undefined,float-cast-overflow",
+               "-fno-sanitize-recover=undefined,float-cast-overflow",
                "-DREGEXT_NO_TARGET_CLONES"]
     extra_compile_args = {"cxx": cxx}
-    extra_link_args = ["-fopenmp"] + (["-fsanitize=address,undefined"] if sanitize else [])
+    extra_link_args = ["-fopenmp"] + (
+        ["-fsanitize=address,undefined,float-cast-overflow"] if sanitize else [])
     define_macros = []
     if use_cuda:
         define_macros.append(("REGEXT_WITH_CUDA", "1"))

@@ -45,9 +45,19 @@ struct PenaltyTotals {
 // d(penalty)/dx for every element x of one tensor is
 //     sign_coef * sign(x) + linear_coef * x.
 // grad_out is the incoming gradient of the 0-dim result.
+//
+// Unless split_scale != 0: then linear_coef = (grad_out * l2) / ||x|| has left
+// double's normal range (a tiny coefficient on a tensor of huge norm, e.g.
+// l2 = 1e-300 and ||x|| = 1e38, underflows to a subnormal or 0) although every
+// gradient element does not (|x| / ||x|| <= 1), and the linear term is
+//     (x * split_scale) * split_coef,   split_scale = 1 / ||x||, split_coef = grad_out * l2.
+// linear_coef keeps its old meaning, so a kernel that ignores the split still
+// computes what it did before.
 struct GradCoefficients {
   double sign_coef;
   double linear_coef;
+  double split_coef = 0.0;
+  double split_scale = 0.0;
 };
 
 C10_HOST_DEVICE inline GradCoefficients grad_coefficients(
@@ -60,7 +70,18 @@ C10_HOST_DEVICE inline GradCoefficients grad_coefficients(
     // torch's norm backward: x * (g / ||x||), masked to 0 where ||x|| == 0.
     // A NaN norm fails the == 0 test and stays NaN.
     const double norm = ::sqrt(sum_sq);
-    c.linear_coef = (norm == 0.0) ? 0.0 : (grad_out * l2) / norm;
+    const double coef = grad_out * l2;
+    c.linear_coef = (norm == 0.0) ? 0.0 : coef / norm;
+    // 1 / norm is a normal double for every finite nonzero norm (norm is at least
+    // sqrt(4.9e-324) = 2.2e-162 and at most 1.3e154), and |x / norm| <= 1.
+    // (Comparisons instead of isfinite/isnormal: the same code on host and device.)
+    constexpr double kMax = 1.7976931348623157e308, kMinNormal = 2.2250738585072014e-308;
+    const double mag = ::fabs(c.linear_coef);
+    if (coef != 0.0 && ::fabs(coef) <= kMax && norm != 0.0 && norm <= kMax &&
+        !(mag >= kMinNormal && mag <= kMax)) {
+      c.split_coef = coef;
+      c.split_scale = 1.0 / norm;
+    }
   }
   return c;
 }

@@ -37,6 +37,9 @@ def materialize_params(func: str, params, arg: str = "params") -> list:
     for i, p in enumerate(items):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{func}: {arg}[{i}] is a {type(p).__name__}, not a Tensor")
+        if p.is_nested:
+            raise TypeError(f"{func}: {arg}[{i}] is a nested tensor (dtype {p.dtype}, "
+                            f"device {p.device}); only strided tensors are supported")
         if p.layout != torch.strided:
             raise TypeError(f"{func}: {arg}[{i}] has layout {p.layout} (dtype {p.dtype}, "
                             f"device {p.device}); only strided tensors are supported")
@@ -44,4 +47,24 @@ def materialize_params(func: str, params, arg: str = "params") -> list:
             raise TypeError(f"{func}: {arg}[{i}] has dtype {p.dtype} (device {p.device}); "
                             f"expected a real floating-point dtype "
                             f"(float16, bfloat16, float32 or float64)")
+    _check_meta_not_mixed(func, arg, items)
     return items
+
+
+def _check_meta_not_mixed(func, arg, items):
+    """Meta tensors (no data) cannot be summed with real ones: say so before any work.
+
+    Checked here, not when the per-device results are summed: by then the real
+    tensors would have been reduced already. Lists with DTensors are left to
+    regext.distributed, which requires all local tensors on one device.
+    """
+    mixed = next((i for i, p in enumerate(items) if p.is_meta != items[0].is_meta), None)
+    if mixed is None:
+        return
+    from regext.distributed import has_dtensor  # lazy: it imports this module
+    if has_dtensor(items):
+        return
+    p = items[mixed]
+    raise TypeError(f"{func}: {arg}[{mixed}] is on {p.device} (dtype {p.dtype}) but "
+                    f"{arg}[0] is on {items[0].device}; meta tensors have no data and cannot "
+                    f"be mixed with real ones")

@@ -1,7 +1,10 @@
 """Shared fixtures: the devices to test on and seeded random parameter lists."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import regext
 
@@ -44,3 +47,18 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 1e-2),
     torch.float16: (2e-3, 1e-3),
 }
+
+
+# Hypothesis profiles (REGEXT_HYPOTHESIS_PROFILE selects one; "ci" by default).
+# "ci": derandomized (the same cases on every run and machine) and sized to keep
+# the suite fast; a failure prints the falsifying example and a
+# @reproduce_failure blob. "sanitize": few cases, for the ASan/UBSan build (every
+# large allocation is slow under ASan; test_boundaries.py covers the sizes).
+# "dev": fresh random cases each run, many more of them (seeds are printed).
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.large_base_example])
+settings.register_profile("ci", derandomize=True, max_examples=200, **_COMMON)
+settings.register_profile("sanitize", derandomize=True, max_examples=12, **_COMMON)
+settings.register_profile("dev", max_examples=2000, **_COMMON)
+settings.load_profile(os.environ.get("REGEXT_HYPOTHESIS_PROFILE", "ci"))

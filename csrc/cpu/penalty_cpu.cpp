@@ -74,8 +74,10 @@ void write_grads(const std::vector<at::Tensor>& dense, const std::vector<at::Ten
                          using scalar_t = std::remove_pointer_t<decltype(tag)>;
                          const auto* src = static_cast<const scalar_t*>(x.const_data_ptr());
                          auto* dst = static_cast<scalar_t*>(out[chunk.tensor].data_ptr());
+                         const bool split = k.split_scale != 0.0;
                          penalty_grad(src + chunk.begin, dst + chunk.begin, chunk.length,
-                                      k.sign_coef, k.linear_coef, accumulate);
+                                      k.sign_coef, split ? k.split_coef : k.linear_coef,
+                                      split ? k.split_scale : 1.0, accumulate);
                        });
                      }
                    });
@@ -91,7 +93,15 @@ void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Ten
   for (size_t t = 0; t < dense.size(); ++t) {
     totals.add(s[t * kStatsColumns + 0], s[t * kStatsColumns + 1], l2_squared);
   }
-  total.fill_(totals.combine(l1, l2));
+  // A float32 result rounds the float64 total once; a total beyond float32's
+  // range becomes inf, as the loop's would (filling a float tensor with the
+  // double raises "value cannot be converted to type float without overflow").
+  const double value = totals.combine(l1, l2);
+  if (total.scalar_type() == c10::kFloat) {
+    total.fill_(static_cast<float>(value));
+  } else {
+    total.fill_(value);
+  }
 }
 
 void penalty_grads(const GradRequest& r) {

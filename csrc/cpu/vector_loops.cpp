@@ -90,23 +90,56 @@ REGEXT_INLINE AbsSqSums abs_sq_sums_impl(const T* x, int64_t n) {
 }
 
 // Gradients of float32 and the half types are computed in float32 (as torch's
-// autograd of the loop does) and rounded once to the parameter's dtype.
-template <typename T, typename Compute>
+// autograd of the loop does) and rounded once to the parameter's dtype, as
+// long as both coefficients are comfortably inside float32's range; otherwise
+// (see penalty_grad_any) in float64.
+// kScaled: the linear term is (x * linear_scale) * linear_coef (float64 only).
+template <typename T, typename Compute, bool kScaled = false>
 REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_coef,
-                                     double linear_coef, bool accumulate) {
+                                     double linear_coef, double linear_scale, bool accumulate) {
   const Compute s = static_cast<Compute>(sign_coef);
   const Compute l = static_cast<Compute>(linear_coef);
+  const Compute k = static_cast<Compute>(linear_scale);
+  auto term = [&](Compute v) { return s * sign_of(v) + (kScaled ? (v * k) * l : l * v); };
   if (accumulate) {
     for (int64_t i = 0; i < n; ++i) {
       const Compute v = static_cast<Compute>(x[i]);
-      out[i] = static_cast<T>(static_cast<Compute>(out[i]) + (s * sign_of(v) + l * v));
+      out[i] = static_cast<T>(static_cast<Compute>(out[i]) + term(v));
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const Compute v = static_cast<Compute>(x[i]);
-      out[i] = static_cast<T>(s * sign_of(v) + l * v);
+      out[i] = static_cast<T>(term(static_cast<Compute>(x[i])));
     }
   }
+}
+
+// linear_coef = l2 / ||x|| leaves float32's range for tensors of tiny or huge
+// elements: ||x|| < ~3e-39 made it inf (and inf * 0 = NaN), ||x|| > ~1e38 / l2
+// made it subnormal or 0, although every gradient element, l2 * x / ||x||, is
+// at most l2 in magnitude. Such tensors take the float64 path; the rest keep
+// the float32 arithmetic, so the common case costs nothing extra. The choice
+// depends only on the tensor's coefficients: still the same bits on every
+// thread and every ISA.
+REGEXT_INLINE bool fits_float(double c) {
+  const double a = std::fabs(c);
+  return a == 0.0 || (a >= 1e-30 && a <= 1e30);
+}
+
+template <typename T>
+REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_coef,
+                                    double linear_coef, double linear_scale, bool accumulate) {
+  if (linear_scale != 1.0) {
+    penalty_grad_impl<T, double, true>(x, out, n, sign_coef, linear_coef, linear_scale,
+                                       accumulate);
+    return;
+  }
+  if constexpr (!std::is_same_v<T, double>) {
+    if (fits_float(sign_coef) && fits_float(linear_coef)) {
+      penalty_grad_impl<T, float>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
+      return;
+    }
+  }
+  penalty_grad_impl<T, double>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
 }
 
 template <typename T, typename Compute>
@@ -157,20 +190,22 @@ REGEXT_ISA_CLONES AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n) {
 }
 
 REGEXT_ISA_CLONES void penalty_grad(const float* x, float* out, int64_t n, double sign_coef,
-                                    double linear_coef, bool accumulate) {
-  penalty_grad_impl<float, float>(x, out, n, sign_coef, linear_coef, accumulate);
+                                    double linear_coef, double linear_scale, bool accumulate) {
+  penalty_grad_any<float>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
 }
 REGEXT_ISA_CLONES void penalty_grad(const double* x, double* out, int64_t n, double sign_coef,
-                                    double linear_coef, bool accumulate) {
-  penalty_grad_impl<double, double>(x, out, n, sign_coef, linear_coef, accumulate);
+                                    double linear_coef, double linear_scale, bool accumulate) {
+  penalty_grad_any<double>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
 }
 REGEXT_ISA_CLONES void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n,
-                                    double sign_coef, double linear_coef, bool accumulate) {
-  penalty_grad_impl<c10::Half, float>(x, out, n, sign_coef, linear_coef, accumulate);
+                                    double sign_coef, double linear_coef, double linear_scale,
+                                    bool accumulate) {
+  penalty_grad_any<c10::Half>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
 }
 REGEXT_ISA_CLONES void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n,
-                                    double sign_coef, double linear_coef, bool accumulate) {
-  penalty_grad_impl<c10::BFloat16, float>(x, out, n, sign_coef, linear_coef, accumulate);
+                                    double sign_coef, double linear_coef, double linear_scale,
+                                    bool accumulate) {
+  penalty_grad_any<c10::BFloat16>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
 }
 
 REGEXT_ISA_CLONES void soft_threshold_(float* x, int64_t n, double t) {

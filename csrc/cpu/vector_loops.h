@@ -23,15 +23,17 @@ AbsSqSums abs_sq_sums(const double* x, int64_t n);
 AbsSqSums abs_sq_sums(const c10::Half* x, int64_t n);
 AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n);
 
-// out[i] = sign_coef * sign(x[i]) + linear_coef * x[i]   (accumulate: out[i] += ...)
+// out[i] = sign_coef * sign(x[i]) + (x[i] * linear_scale) * linear_coef
+// (accumulate: out[i] += ...). linear_scale is 1 except where the product
+// linear_coef * linear_scale would leave double's range (see GradCoefficients).
 void penalty_grad(const float* x, float* out, int64_t n, double sign_coef, double linear_coef,
-                  bool accumulate);
+                  double linear_scale, bool accumulate);
 void penalty_grad(const double* x, double* out, int64_t n, double sign_coef,
-                  double linear_coef, bool accumulate);
+                  double linear_coef, double linear_scale, bool accumulate);
 void penalty_grad(const c10::Half* x, c10::Half* out, int64_t n, double sign_coef,
-                  double linear_coef, bool accumulate);
+                  double linear_coef, double linear_scale, bool accumulate);
 void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, int64_t n, double sign_coef,
-                  double linear_coef, bool accumulate);
+                  double linear_coef, double linear_scale, bool accumulate);
 
 // x[i] = sign(x[i]) * max(|x[i]| - t, 0) in place (regext::soft_threshold).
 void soft_threshold_(float* x, int64_t n, double t);

@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../chunking.h"
+#include "../dtype_dispatch.h"
 
 namespace regext::cpu {
 
@@ -39,13 +41,7 @@ inline int64_t total_numel(at::TensorList tensors) {
 // Runs fn(scalar_t-typed pointer) for the dtype of `t`.
 template <typename Fn>
 void dispatch_float_types(const at::Tensor& t, Fn&& fn) {
-  switch (t.scalar_type()) {
-    case c10::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case c10::kDouble: fn(static_cast<double*>(nullptr)); break;
-    case c10::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
-    case c10::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "regext: unsupported dtype ", t.scalar_type());
-  }
+  regext::dispatch_float_types(t.scalar_type(), std::forward<Fn>(fn));
 }
 
 }  // namespace regext::cpu

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../backend.h"
+#include "../dtype_dispatch.h"
 #include "../penalty_math.h"
 #include "block_reduce.cuh"
 #include "tensor_batch.cuh"
@@ -247,23 +248,6 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
   grad_chunk<T, double, kAccumulate, false>(x, out, n, k.sign_coef, k.linear_coef, 1.0);
-}
-
-template <typename Fn>
-void dispatch_float_types(c10::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case c10::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case c10::kDouble: fn(static_cast<double*>(nullptr)); break;
-    case c10::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
-    case c10::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "regext: unsupported dtype ", dtype);
-  }
-}
-
-std::vector<int64_t> identity_rows(size_t n) {
-  std::vector<int64_t> rows(n);
-  for (size_t t = 0; t < n; ++t) rows[t] = static_cast<int64_t>(t);
-  return rows;
 }
 
 }  // namespace

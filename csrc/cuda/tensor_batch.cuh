@@ -95,6 +95,13 @@ inline std::vector<BatchPlan> plan_batches(const std::vector<at::Tensor>& inputs
   return plans;
 }
 
+// Rows 0..n-1: each tensor's result lands in its own position.
+inline std::vector<int64_t> identity_rows(size_t n) {
+  std::vector<int64_t> rows(n);
+  for (size_t t = 0; t < n; ++t) rows[t] = static_cast<int64_t>(t);
+  return rows;
+}
+
 inline int64_t total_chunks(const std::vector<BatchPlan>& plans) {
   int64_t n = 0;
   for (const auto& p : plans) n += p.num_chunks;

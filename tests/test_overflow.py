@@ -1,8 +1,11 @@
 """Range: sums that overflow the parameter's own type, and tiny or huge norms.
 
-Every value is accumulated in float64 on CPU, so a float16/bfloat16 tensor
-whose sum of squares (or sum of magnitudes) overflows its own type gives the
-finite, correct result, and so do float32 tensors of ±1e38. The gradient of the
+On CPU, float32 and the half types are summed in float32 over blocks of 256
+elements and in float64 across blocks; a run whose float32 squares overflow,
+or lose bits to underflow, is summed again element by element in float64. So a
+float16/bfloat16 tensor whose sum of squares (or sum of magnitudes) overflows
+its own type gives the finite, correct result, and so do float32 tensors of
+±1e38 or of ±1e-25, at any length. The gradient of the
 Euclidean norm, l2 * x / ||x||, is at most l2 in magnitude for any x; it must
 stay finite and correct however tiny or huge ||x|| is.
 """
@@ -156,3 +159,61 @@ def test_float64_gradient_with_extreme_coefficient_over_norm(device, l2, scale):
     _, stats = torch.ops.regext.penalty_forward([x], 0.0, l2, False)
     torch.ops.regext.penalty_grad_accumulate_(acc, [x], stats, 0.0, l2, False)
     torch.testing.assert_close(acc[0], _f64_grads([p], 0.0, l2)[0], rtol=1e-12, atol=0)
+
+
+# Lengths that reach the CPU's float32 block loop (256 elements per block, 32Ki
+# per chunk) and its tails, not only the short element-by-element tail.
+BLOCK_LENGTHS = [256, 4096 + 17, 70_000]
+
+
+def _stats(p):
+    _, stats = torch.ops.regext.penalty_forward([p], 0.0, 0.0, False)
+    return stats[0].tolist()
+
+
+def _exact_stats(p):
+    x = p.detach().double()
+    return [x.abs().sum().item(), x.pow(2).sum().item()]
+
+
+@pytest.mark.parametrize("n", BLOCK_LENGTHS)
+@pytest.mark.parametrize("scale", [1e-25, 1e-21, 1e20, 1e30])
+def test_float32_blocks_with_squares_outside_float32_range(device, n, scale):
+    """x^2 underflows (1e-25, 1e-21) or overflows (1e20, 1e30) float32: the sums
+    still match float64 to 1e-6 and the gradient stays finite and correct."""
+    gen = torch.Generator().manual_seed(n)
+    p = (torch.randn(n, generator=gen, dtype=torch.float64) * scale).float().to(device)
+    assert torch.isfinite(p).all()
+    got, want = _stats(p), _exact_stats(p)
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    assert got[1] == pytest.approx(want[1], rel=1e-6)
+    p.requires_grad_()
+    (g,) = grads_of(regext.fused_penalty([p], 0.0, 1.0), [p])
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, _f64_grads([p], 0.0, 1.0)[0], rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", BLOCK_LENGTHS)
+def test_float32_blocks_keep_relative_error_below_1e6_on_wide_ranges(device, n):
+    """Magnitudes spread over 12 decades (log-uniform), so a few elements carry
+    most of the sum: the float32 block partials stay within 1e-6 of float64."""
+    gen = torch.Generator().manual_seed(7 * n)
+    mags = torch.pow(10.0, torch.rand(n, generator=gen, dtype=torch.float64) * 12 - 6)
+    signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    p = (mags * signs).float().to(device)
+    got, want = _stats(p), _exact_stats(p)
+    assert abs(got[0] - want[0]) <= 1e-6 * want[0]
+    assert abs(got[1] - want[1]) <= 1e-6 * want[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad, expect", [(float("nan"), "nan"), (float("inf"), "inf"),
+                                         (float("-inf"), "inf")])
+def test_nan_or_inf_inside_a_block_propagates(device, dtype, bad, expect):
+    p = torch.randn(4096, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+    p[1000] = bad
+    abs_sum, sq_sum = _stats(p)
+    if expect == "nan":
+        assert math.isnan(abs_sum) and math.isnan(sq_sum)
+    else:
+        assert abs_sum == math.inf and sq_sum == math.inf

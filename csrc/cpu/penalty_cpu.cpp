@@ -24,6 +24,11 @@ void compute_stats(const std::vector<at::Tensor>& dense, const at::Tensor& stats
   const ChunkTable table = make_chunk_table(dense, kChunkElems);
   const int64_t num_chunks = static_cast<int64_t>(table.chunks.size());
   std::vector<AbsSqSums> partial(num_chunks);
+  // A float64 result (some tensor is float64) gets float64-exact sums from
+  // every tensor; otherwise float32 tensors use the faster float32 blocks,
+  // whose ~1e-7 error is that of the float32 result's own rounding.
+  bool exact = false;
+  for (const auto& t : dense) exact = exact || t.scalar_type() == at::kDouble;
 
   at::parallel_for(0, num_chunks, grain_in_chunks(table, total_numel(dense)),
                    [&](int64_t begin, int64_t end) {
@@ -33,7 +38,7 @@ void compute_stats(const std::vector<at::Tensor>& dense, const at::Tensor& stats
                        dispatch_float_types(t, [&](auto* tag) {
                          using scalar_t = std::remove_pointer_t<decltype(tag)>;
                          const auto* data = static_cast<const scalar_t*>(t.const_data_ptr());
-                         partial[c] = abs_sq_sums(data + chunk.begin, chunk.length);
+                         partial[c] = abs_sq_sums(data + chunk.begin, chunk.length, exact);
                        });
                      }
                    });

@@ -12,16 +12,20 @@
 
 namespace regext::cpu {
 
-// sum |x| and sum x^2 over x[0, n).
+// sum |x| and sum x^2 over x[0, n). For float32 and the half types the sums
+// are formed in float32 over blocks of 256 elements and in float64 across
+// blocks (relative error ~1e-7, at most ~5e-7); `exact` (or data that float32
+// cannot square without overflow or underflow loss, NaN/inf included) widens
+// every element to float64 instead (~1e-15). float64 data is always exact.
 struct AbsSqSums {
   double abs = 0.0;
   double sq = 0.0;
 };
 
-AbsSqSums abs_sq_sums(const float* x, int64_t n);
-AbsSqSums abs_sq_sums(const double* x, int64_t n);
-AbsSqSums abs_sq_sums(const c10::Half* x, int64_t n);
-AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n);
+AbsSqSums abs_sq_sums(const float* x, int64_t n, bool exact);
+AbsSqSums abs_sq_sums(const double* x, int64_t n, bool exact);
+AbsSqSums abs_sq_sums(const c10::Half* x, int64_t n, bool exact);
+AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n, bool exact);
 
 // out[i] = sign_coef * sign(x[i]) + (x[i] * linear_scale) * linear_coef
 // (accumulate: out[i] += ...). linear_scale is 1 except where the product

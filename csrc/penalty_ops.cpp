@@ -9,6 +9,7 @@
 #include "aliasing.h"
 #include "backend.h"
 #include "chunking.h"
+#include "cpu/output_alloc.h"
 #include "param_checks.h"
 #include "penalty_math.h"
 
@@ -38,6 +39,13 @@ void run_grads(c10::Device device, const GradRequest& request) {
 c10::Device device_of(const char* op, at::TensorList params) {
   TORCH_CHECK_VALUE(!params.empty(), op, ": params must hold at least one tensor");
   return params[0].device();
+}
+
+// A new tensor with the sizes and strides of the dense tensor `t`, which is
+// what empty_like(t) gives (on CPU see csrc/cpu/output_alloc.h).
+at::Tensor empty_with_layout_of(const at::Tensor& t) {
+  if (t.device().is_cpu()) return cpu::empty_like_dense(t);
+  return at::empty_strided(t.sizes(), t.strides(), t.options());
 }
 
 void check_coefficients(const char* op, double l1, double l2) {
@@ -83,7 +91,8 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
   grads.reserve(dense.size());
   targets.reserve(dense.size());
   for (size_t t = 0; t < dense.size(); ++t) {
-    grads.push_back(at::empty_like(params[t]));
+    grads.push_back(dense[t].is_same(params[t]) ? empty_with_layout_of(params[t])
+                                                : at::empty_like(params[t]));
     if (grads[t].strides() == dense[t].strides()) {
       targets.push_back(grads[t]);
     } else {

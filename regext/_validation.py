@@ -26,6 +26,16 @@ def check_coefficient(func: str, name: str, value) -> float:
 
 def materialize_params(func: str, params, arg: str = "params") -> list:
     """Turns any iterable of tensors (generators included) into a checked list."""
+    return materialize_params_and_device(func, params, arg)[0]
+
+
+def materialize_params_and_device(func: str, params, arg: str = "params"):
+    """(checked list, whether every tensor is on the first one's device).
+
+    One pass with the cheapest tests that accept a good tensor (it runs on every
+    training step, ~0.2 us per tensor); an element that fails any of them is
+    diagnosed by ``_raise_bad_element`` with the full message.
+    """
     if isinstance(params, torch.Tensor):
         raise TypeError(f"{func}: {arg} must be an iterable of tensors (e.g. "
                         f"model.parameters()), got a single Tensor; wrap it in a list")
@@ -34,21 +44,37 @@ def materialize_params(func: str, params, arg: str = "params") -> list:
     except TypeError:
         raise TypeError(f"{func}: {arg} must be an iterable of tensors, "
                         f"got {type(params).__name__}") from None
+    if not items:
+        return items, True
+    tensor, strided, supported = torch.Tensor, torch.strided, _SUPPORTED_SET
+    device = items[0].device if isinstance(items[0], tensor) else None
+    same_device = True
     for i, p in enumerate(items):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{func}: {arg}[{i}] is a {type(p).__name__}, not a Tensor")
-        if p.is_nested:
-            raise TypeError(f"{func}: {arg}[{i}] is a nested tensor (dtype {p.dtype}, "
-                            f"device {p.device}); only strided tensors are supported")
-        if p.layout != torch.strided:
-            raise TypeError(f"{func}: {arg}[{i}] has layout {p.layout} (dtype {p.dtype}, "
-                            f"device {p.device}); only strided tensors are supported")
-        if p.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{func}: {arg}[{i}] has dtype {p.dtype} (device {p.device}); "
-                            f"expected a real floating-point dtype "
-                            f"(float16, bfloat16, float32 or float64)")
-    _check_meta_not_mixed(func, arg, items)
-    return items
+        if (not isinstance(p, tensor) or p.dtype not in supported
+                or p.layout is not strided or p.is_nested):
+            _raise_bad_element(func, arg, i, p)
+        if same_device and p.device != device:
+            same_device = False
+    if not same_device:
+        _check_meta_not_mixed(func, arg, items)
+    return items, same_device
+
+
+_SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
+
+
+def _raise_bad_element(func, arg, i, p):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{func}: {arg}[{i}] is a {type(p).__name__}, not a Tensor")
+    if p.is_nested:
+        raise TypeError(f"{func}: {arg}[{i}] is a nested tensor (dtype {p.dtype}, "
+                        f"device {p.device}); only strided tensors are supported")
+    if p.layout != torch.strided:
+        raise TypeError(f"{func}: {arg}[{i}] has layout {p.layout} (dtype {p.dtype}, "
+                        f"device {p.device}); only strided tensors are supported")
+    raise TypeError(f"{func}: {arg}[{i}] has dtype {p.dtype} (device {p.device}); "
+                    f"expected a real floating-point dtype "
+                    f"(float16, bfloat16, float32 or float64)")
 
 
 def _check_meta_not_mixed(func, arg, items):

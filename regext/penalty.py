@@ -2,7 +2,7 @@
 
 import torch
 
-from regext._validation import check_coefficient, materialize_params
+from regext._validation import check_coefficient, materialize_params_and_device
 from regext.distributed import fused_penalty_dtensor, has_dtensor
 
 
@@ -97,15 +97,15 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False):
     l1 = check_coefficient("fused_penalty", "l1", l1)
     l2 = check_coefficient("fused_penalty", "l2", l2)
     l2_squared = bool(l2_squared)
-    params = materialize_params("fused_penalty", params)
+    params, same_device = materialize_params_and_device("fused_penalty", params)
     if not params:
         return torch.zeros(())
     if has_dtensor(params):
         # Sharded (FSDP2 / DTensor) parameters: local shards, one all_reduce.
         return fused_penalty_dtensor(params, l1, l2, l2_squared)
-    first_device = params[0].device
-    if all(p.device == first_device for p in params):
+    if same_device:
         return _FusedPenalty.apply(l1, l2, l2_squared, *params)
+    first_device = params[0].device
     # Mixed devices: one fused call per device, summed on the first device.
     totals = [_FusedPenalty.apply(l1, l2, l2_squared, *group).to(first_device)
               for group in _group_by_device(params)]

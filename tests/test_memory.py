@@ -224,3 +224,55 @@ def test_cuda_forward_allocates_o_number_of_tensors():
     # O(#chunks) = O(elements / chunk length), a tiny fraction of the parameters.
     assert fwd_peak < 1e-3 * param_bytes + 512 * 4 * len(params)
     del out
+
+
+def _large_params():
+    """Gradients of 2 MiB and more: on Linux the CPU backend backs them with huge
+    pages (csrc/cpu/output_alloc.h); one layout of each kind."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(1024, 1024, generator=gen).requires_grad_(),          # 4 MiB
+            torch.randn(2048, 600, generator=gen).requires_grad_(),           # 4.7 MiB
+            torch.randn(700, 1100, generator=gen).t().requires_grad_(),       # transposed, dense
+            torch.randn(8, 64, 32, 32, generator=gen)
+            .to(memory_format=torch.channels_last).requires_grad_(),           # 2 MiB, NHWC
+            torch.randn(300, 2000, generator=gen, dtype=torch.float64).requires_grad_()]
+
+
+def test_large_cpu_gradients_are_ordinary_tensors():
+    params = _large_params()
+    regext.fused_penalty(params, 1e-3, 1e-2).backward()
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    regext.reference.penalty_loop(ref, 1e-3, 1e-2).backward()
+    for p, r in zip(params, ref):
+        assert p.grad.stride() == p.stride() and p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-9)
+    # Written, grown, shrunk and freed like any gradient.
+    g = params[0].grad
+    g.mul_(2.0)
+    torch.testing.assert_close(g, 2.0 * ref[0].grad, rtol=1e-5, atol=1e-9)
+    g.resize_(2048, 1024)
+    g[1024:].fill_(1.0)
+    torch.testing.assert_close(g[:1024], 2.0 * ref[0].grad, rtol=1e-5, atol=1e-9)
+    g.resize_(3)
+    assert g.shape == (3,)
+
+
+def test_resident_memory_flat_over_50_steps_with_large_gradients():
+    params = _large_params()  # 21 MiB of gradients per step
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+
+    def step():
+        for p in params:
+            p.grad = None
+        regext.fused_penalty(params, 1e-3, 1e-2).backward()
+
+    for _ in range(5):
+        step()
+    gc.collect()
+    before = _rss()
+    for _ in range(50):
+        step()
+    gc.collect()
+    growth = _rss() - before
+    # A leak of the gradients would add 50 x 21 MiB; allow two steps' worth of slack.
+    assert growth < 2 * nbytes, f"RSS grew by {growth / MiB:.1f} MiB over 50 steps"

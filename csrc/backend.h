@@ -33,6 +33,13 @@ namespace cpu {
 void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
                              const at::Tensor& total, double l1, double l2, bool l2_squared);
 void penalty_grads(const GradRequest& request);
+// penalty_stats_and_total(l2_squared = true), and in the same read of each
+// tensor targets[t] += its gradient (which in this form needs no norm).
+// The targets share no memory with each other (one alias-free run).
+void penalty_stats_total_and_accumulate_squared(const std::vector<at::Tensor>& dense,
+                                                const std::vector<at::Tensor>& targets,
+                                                const at::Tensor& stats, const at::Tensor& total,
+                                                double l1, double l2);
 }  // namespace cpu
 
 #ifdef REGEXT_WITH_CUDA

@@ -1,13 +1,14 @@
-// How the in-place operators (penalty_grad_accumulate_, prox_l1_,
-// prox_group_l2_) meet autograd.
+// How the in-place operators (penalty_grad_accumulate_,
+// penalty_forward_accumulate_, prox_l1_, prox_group_l2_) meet autograd.
 //
 // Operators declared with TORCH_LIBRARY get dispatcher fallthroughs for the
 // autograd keys: an in-place call would neither bump the version counter of
 // what it writes (so a tensor saved for backward and then modified would give
 // silently wrong gradients) nor refuse to modify a leaf that requires grad.
 // torch's boxed "not implemented" fallbacks only handle mutated *returns*;
-// these operators mutate a list argument and return nothing, so the two
-// kernels below do the same job for mutated arguments:
+// these operators mutate a list argument (and return nothing, or results that
+// are not differentiable), so the two kernels below do the same job for
+// mutated arguments:
 //   Autograd:        with grad mode on, a mutated tensor that requires grad is an
 //                    error (run under torch.no_grad(), as the Python API does).
 //   ADInplaceOrView: after the kernel, bump the version of every mutated tensor
@@ -67,8 +68,8 @@ void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   for (const at::Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();
 }
 
-constexpr const char* kInplaceOps[] = {"penalty_grad_accumulate_", "prox_l1_",
-                                       "prox_group_l2_"};
+constexpr const char* kInplaceOps[] = {"penalty_grad_accumulate_", "penalty_forward_accumulate_",
+                                       "prox_l1_", "prox_group_l2_"};
 
 }  // namespace
 

@@ -30,6 +30,14 @@ TORCH_LIBRARY(regext, m) {
   m.def(
       "penalty_grad_accumulate_(Tensor(a!)[] grads, Tensor[] params, Tensor stats,"
       " float l1, float l2, bool l2_squared, int[]? stats_rows=None) -> ()");
+  // penalty_forward followed by penalty_grad_accumulate_(grads, params, stats):
+  // the same total, stats and gradients. In the squared form the gradient
+  // needs no norm, so where no gradient shares memory with another tensor the
+  // CPU kernel adds it in the same read of each parameter (one pass, not two).
+  // Not differentiable (it is the gradient).
+  m.def(
+      "penalty_forward_accumulate_(Tensor(a!)[] grads, Tensor[] params, float l1, float l2,"
+      " bool l2_squared) -> (Tensor total, Tensor stats)");
 
   // ---- In-place proximal steps and sparsity (csrc/prox_ops.cpp) ----
   //

@@ -4,6 +4,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <vector>
 
 #include "aliasing.h"
@@ -106,28 +107,26 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
   return grads;
 }
 
-void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
-                              const at::Tensor& stats, double l1, double l2, bool l2_squared,
-                              c10::OptionalArrayRef<int64_t> stats_rows) {
-  constexpr const char* op = "regext::penalty_grad_accumulate_";
-  check_coefficients(op, l1, l2);
-  const c10::Device device = device_of(op, params);
+// Checks shared by the accumulating operators: every gradient matches its
+// parameter's shape and dtype, lies on the same device and owns its elements.
+void check_grads_for(const char* op, at::TensorList grads, at::TensorList params,
+                     c10::Device device) {
   check_tensor_list(op, "params", params, device);
   check_tensor_list(op, "grads", grads, device);
   check_same_shapes(op, "grads", grads, params);
-  check_stats(op, stats, device);
-  const std::vector<int64_t> rows = resolve_stats_rows(
-      op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
   for (size_t t = 0; t < grads.size(); ++t) {
     TORCH_CHECK_TYPE(grads[t].scalar_type() == params[t].scalar_type(), op, ": grads[", t,
                      "] has dtype ", grads[t].scalar_type(), " but params[", t, "] has dtype ",
                      params[t].scalar_type());
     at::assert_no_internal_overlap(grads[t]);
   }
+}
 
-  // Fast path: gradient and parameter share one dense layout and the gradient
-  // is updated in place. Otherwise the update is computed densely, then added.
-  const std::vector<at::Tensor> dense = as_dense(params);
+// Where each gradient update is computed: the gradient itself when it shares
+// its parameter's dense layout (updated in place), else a zero buffer with the
+// parameter's layout that is added to the gradient afterwards.
+std::vector<at::Tensor> accumulate_targets(at::TensorList grads,
+                                           const std::vector<at::Tensor>& dense) {
   std::vector<at::Tensor> targets(grads.size());
   for (size_t t = 0; t < grads.size(); ++t) {
     if (grads[t].is_non_overlapping_and_dense() && grads[t].strides() == dense[t].strides()) {
@@ -136,6 +135,14 @@ void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
       targets[t] = at::zeros_like(dense[t]);
     }
   }
+  return targets;
+}
+
+// grads[t] += d(penalty)/d(params[t]) from `stats`, in list order.
+void accumulate_grads(c10::Device device, at::TensorList grads,
+                      const std::vector<at::Tensor>& dense,
+                      const std::vector<at::Tensor>& targets, const at::Tensor& stats,
+                      const std::vector<int64_t>& rows, double l1, double l2, bool l2_squared) {
   const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
   // A gradient listed twice (a parameter listed twice) gets both updates and
   // is never raced on: the runs of gradients without shared memory (exact
@@ -161,12 +168,68 @@ void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
   }
 }
 
+void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
+                              const at::Tensor& stats, double l1, double l2, bool l2_squared,
+                              c10::OptionalArrayRef<int64_t> stats_rows) {
+  constexpr const char* op = "regext::penalty_grad_accumulate_";
+  check_coefficients(op, l1, l2);
+  const c10::Device device = device_of(op, params);
+  check_grads_for(op, grads, params, device);
+  check_stats(op, stats, device);
+  const std::vector<int64_t> rows = resolve_stats_rows(
+      op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
+  const std::vector<at::Tensor> dense = as_dense(params);
+  accumulate_grads(device, grads, dense, accumulate_targets(grads, dense), stats, rows, l1, l2,
+                   l2_squared);
+}
+
+// True when the gradients can be updated while the parameters are still
+// being read: every gradient is updated in place and no gradient shares
+// memory with another gradient or with any parameter.
+bool can_update_while_reading(at::TensorList grads, const std::vector<at::Tensor>& dense,
+                              const std::vector<at::Tensor>& targets) {
+  for (size_t t = 0; t < grads.size(); ++t) {
+    if (!targets[t].is_same(grads[t])) return false;
+  }
+  std::vector<at::Tensor> all(grads.begin(), grads.end());
+  all.insert(all.end(), dense.begin(), dense.end());
+  return alias_free_runs(all).size() == 2;
+}
+
+std::tuple<at::Tensor, at::Tensor> penalty_forward_accumulate_(at::TensorList grads,
+                                                               at::TensorList params, double l1,
+                                                               double l2, bool l2_squared) {
+  constexpr const char* op = "regext::penalty_forward_accumulate_";
+  check_coefficients(op, l1, l2);
+  const c10::Device device = device_of(op, params);
+  check_grads_for(op, grads, params, device);
+
+  const auto options = at::TensorOptions().device(device);
+  at::Tensor stats = at::empty({static_cast<int64_t>(params.size()), kStatsColumns},
+                               options.dtype(at::kDouble));
+  at::Tensor total = at::empty({}, options.dtype(result_dtype(params)));
+  const std::vector<at::Tensor> dense = as_dense(params);
+  const std::vector<at::Tensor> targets = accumulate_targets(grads, dense);
+  if (device.is_cpu() && l2_squared && can_update_while_reading(grads, dense, targets)) {
+    // One read of each parameter: the squared form's gradient needs no norm.
+    cpu::penalty_stats_total_and_accumulate_squared(dense, targets, stats, total, l1, l2);
+    return {total, stats};
+  }
+  // The Euclidean norm's gradient needs every norm first: a second read.
+  run_stats_and_total(device, dense, stats, total, l1, l2, l2_squared);
+  std::vector<int64_t> rows(params.size());
+  std::iota(rows.begin(), rows.end(), int64_t{0});
+  accumulate_grads(device, grads, dense, targets, stats, rows, l1, l2, l2_squared);
+  return {total, stats};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regext, CPU, m) {
   m.impl("penalty_forward", &penalty_forward);
   m.impl("penalty_backward", &penalty_backward);
   m.impl("penalty_grad_accumulate_", &penalty_grad_accumulate_);
+  m.impl("penalty_forward_accumulate_", &penalty_forward_accumulate_);
 }
 
 #ifdef REGEXT_WITH_CUDA
@@ -174,6 +237,7 @@ TORCH_LIBRARY_IMPL(regext, CUDA, m) {
   m.impl("penalty_forward", &penalty_forward);
   m.impl("penalty_backward", &penalty_backward);
   m.impl("penalty_grad_accumulate_", &penalty_grad_accumulate_);
+  m.impl("penalty_forward_accumulate_", &penalty_forward_accumulate_);
 }
 #endif
 

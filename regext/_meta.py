@@ -35,6 +35,11 @@ def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared, stat
     return None
 
 
+@torch.library.register_fake("regext::penalty_forward_accumulate_")
+def _penalty_forward_accumulate_fake(grads, params, l1, l2, l2_squared):
+    return _penalty_forward_fake(params, l1, l2, l2_squared)
+
+
 @torch.library.register_fake("regext::prox_l1_")
 def _prox_l1_fake(params, threshold):
     return None

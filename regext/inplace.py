@@ -182,8 +182,14 @@ def _add_penalty_grad(func, params, l1, l2, l2_squared):
                 group, group_plan = params, plan
             else:
                 group, group_plan = [params[i] for i in rows], [plan[i] for i in rows]
-            total, stats = torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
-            _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared)
+            if all(k == _ACCUMULATE for k in group_plan):
+                # The usual step (every .grad exists): one operator; in the squared
+                # form it reads each parameter once, computing sums and gradient together.
+                total, _ = torch.ops.regext.penalty_forward_accumulate_(
+                    [p.grad for p in group], group, l1, l2, l2_squared)
+            else:
+                total, stats = torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
+                _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared)
             result = total if result is None else result + total.to(result.device)
     return result
 

@@ -18,8 +18,18 @@
 namespace regext::cpu {
 namespace {
 
-// stats[t] = (sum |x|, sum x^2) for every tensor, into float64 [n, 2].
-void compute_stats(const std::vector<at::Tensor>& dense, const at::Tensor& stats) {
+// The gradient added in the same pass as the sums (penalty_forward_accumulate_
+// in the squared form): targets[t] += sign_coef * sign(x) + linear_coef * x.
+struct SamePassUpdate {
+  const std::vector<at::Tensor>& targets;
+  double sign_coef;
+  double linear_coef;
+};
+
+// stats[t] = (sum |x|, sum x^2) for every tensor, into float64 [n, 2]; with
+// `update`, each chunk's gradient is added right after its sums.
+void compute_stats(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
+                   const SamePassUpdate* update = nullptr) {
   const int64_t num_tensors = static_cast<int64_t>(dense.size());
   const ChunkTable table = make_chunk_table(dense, kChunkElems);
   const int64_t num_chunks = static_cast<int64_t>(table.chunks.size());
@@ -30,18 +40,24 @@ void compute_stats(const std::vector<at::Tensor>& dense, const at::Tensor& stats
   bool exact = false;
   for (const auto& t : dense) exact = exact || t.scalar_type() == at::kDouble;
 
-  at::parallel_for(0, num_chunks, grain_in_chunks(table, total_numel(dense)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t c = begin; c < end; ++c) {
-                       const Chunk& chunk = table.chunks[c];
-                       const at::Tensor& t = dense[chunk.tensor];
-                       dispatch_float_types(t, [&](auto* tag) {
-                         using scalar_t = std::remove_pointer_t<decltype(tag)>;
-                         const auto* data = static_cast<const scalar_t*>(t.const_data_ptr());
-                         partial[c] = abs_sq_sums(data + chunk.begin, chunk.length, exact);
-                       });
-                     }
-                   });
+  at::parallel_for(
+      0, num_chunks, grain_in_chunks(table, total_numel(dense)), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const Chunk& chunk = table.chunks[c];
+          const at::Tensor& t = dense[chunk.tensor];
+          dispatch_float_types(t, [&](auto* tag) {
+            using scalar_t = std::remove_pointer_t<decltype(tag)>;
+            const auto* data = static_cast<const scalar_t*>(t.const_data_ptr()) + chunk.begin;
+            if (update == nullptr) {
+              partial[c] = abs_sq_sums(data, chunk.length, exact);
+            } else {
+              auto* grad = static_cast<scalar_t*>(update->targets[chunk.tensor].data_ptr());
+              partial[c] = abs_sq_sums_add_grad(data, grad + chunk.begin, chunk.length, exact,
+                                                update->sign_coef, update->linear_coef);
+            }
+          });
+        }
+      });
 
   double* out = stats.data_ptr<double>();
   for (int64_t t = 0; t < num_tensors; ++t) {
@@ -52,6 +68,25 @@ void compute_stats(const std::vector<at::Tensor>& dense, const at::Tensor& stats
     }
     out[t * kStatsColumns + 0] = abs_sum;
     out[t * kStatsColumns + 1] = sq_sum;
+  }
+}
+
+// total = l1 * sum_t ||x_t||_1 + l2 * sum_t (||x_t||_2 or ||x_t||_2^2), from stats.
+void write_total(const at::Tensor& stats, int64_t num_tensors, const at::Tensor& total,
+                 double l1, double l2, bool l2_squared) {
+  const double* s = stats.const_data_ptr<double>();
+  PenaltyTotals totals;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    totals.add(s[t * kStatsColumns + 0], s[t * kStatsColumns + 1], l2_squared);
+  }
+  // A float32 result rounds the float64 total once; a total beyond float32's
+  // range becomes inf, as the loop's would (filling a float tensor with the
+  // double raises "value cannot be converted to type float without overflow").
+  const double value = totals.combine(l1, l2);
+  if (total.scalar_type() == c10::kFloat) {
+    total.fill_(static_cast<float>(value));
+  } else {
+    total.fill_(value);
   }
 }
 
@@ -93,20 +128,18 @@ void write_grads(const std::vector<at::Tensor>& dense, const std::vector<at::Ten
 void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
                              const at::Tensor& total, double l1, double l2, bool l2_squared) {
   compute_stats(dense, stats);
-  const double* s = stats.const_data_ptr<double>();
-  PenaltyTotals totals;
-  for (size_t t = 0; t < dense.size(); ++t) {
-    totals.add(s[t * kStatsColumns + 0], s[t * kStatsColumns + 1], l2_squared);
-  }
-  // A float32 result rounds the float64 total once; a total beyond float32's
-  // range becomes inf, as the loop's would (filling a float tensor with the
-  // double raises "value cannot be converted to type float without overflow").
-  const double value = totals.combine(l1, l2);
-  if (total.scalar_type() == c10::kFloat) {
-    total.fill_(static_cast<float>(value));
-  } else {
-    total.fill_(value);
-  }
+  write_total(stats, static_cast<int64_t>(dense.size()), total, l1, l2, l2_squared);
+}
+
+void penalty_stats_total_and_accumulate_squared(const std::vector<at::Tensor>& dense,
+                                                const std::vector<at::Tensor>& targets,
+                                                const at::Tensor& stats, const at::Tensor& total,
+                                                double l1, double l2) {
+  // The squared form's gradient, l1 * sign(x) + 2 * l2 * x, needs no sums.
+  const GradCoefficients k = grad_coefficients(1.0, 0.0, l1, l2, /*l2_squared=*/true);
+  const SamePassUpdate update{targets, k.sign_coef, k.linear_coef};
+  compute_stats(dense, stats, &update);
+  write_total(stats, static_cast<int64_t>(dense.size()), total, l1, l2, /*l2_squared=*/true);
 }
 
 void penalty_grads(const GradRequest& r) {

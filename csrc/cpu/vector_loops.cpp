@@ -136,8 +136,12 @@ struct FloatBlockSums {
   bool trusted;  // false: redo with abs_sq_sums_double
 };
 
-template <typename T>
-REGEXT_INLINE FloatBlockSums abs_sq_sums_float_blocks(const T* x, int64_t n) {
+// after_block(begin, length) runs after each block's sums are formed (and
+// once for the tail), while the block is still in L1: the one-pass
+// forward-and-accumulate below updates the gradient there.
+template <typename T, typename AfterBlock>
+REGEXT_INLINE FloatBlockSums abs_sq_sums_float_blocks(const T* x, int64_t n,
+                                                      AfterBlock&& after_block) {
   Doubles8 abs_acc = {}, sq_acc = {};
   int64_t i = 0;
   for (; i + kBlockElems <= n; i += kBlockElems) {
@@ -151,7 +155,9 @@ REGEXT_INLINE FloatBlockSums abs_sq_sums_float_blocks(const T* x, int64_t n) {
     }
     abs_acc = add_widened(add_widened(abs_acc, abs_a), abs_b);
     sq_acc = add_widened(add_widened(sq_acc, sq_a), sq_b);
+    after_block(i, kBlockElems);
   }
+  after_block(i, n - i);
   // The tail: whole vectors of 16, then single elements in float64.
   Floats16 abs_t = {}, sq_t = {};
   for (; i + 16 <= n; i += 16) {
@@ -185,7 +191,7 @@ template <typename T>
 REGEXT_INLINE AbsSqSums abs_sq_sums_impl(const T* x, int64_t n, bool exact) {
   if constexpr (!std::is_same_v<T, double>) {
     if (exact) return abs_sq_sums_double(x, n);
-    const FloatBlockSums fast = abs_sq_sums_float_blocks(x, n);
+    const FloatBlockSums fast = abs_sq_sums_float_blocks(x, n, [](int64_t, int64_t) {});
     if (fast.trusted) return fast.sums;
   }
   return abs_sq_sums_double(x, n);
@@ -230,6 +236,29 @@ REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_c
     }
   }
   penalty_grad_impl<T, double>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
+}
+
+// abs_sq_sums and penalty_grad(accumulate) in one read of x: each float32
+// block's gradient is added right after its sums, from L1. The sums are
+// bit-identical to abs_sq_sums (same blocks, same order), the gradient to
+// penalty_grad's (it is elementwise). Where abs_sq_sums takes its float64
+// path, x is summed again from cache (the chunk is at most 256 KiB).
+template <typename T>
+REGEXT_INLINE AbsSqSums abs_sq_sums_add_grad_impl(const T* x, T* g, int64_t n, bool exact,
+                                                  double sign_coef, double linear_coef) {
+  auto add_grad = [&](int64_t begin, int64_t length) {
+    penalty_grad_any<T>(x + begin, g + begin, length, sign_coef, linear_coef, 1.0,
+                        /*accumulate=*/true);
+  };
+  if constexpr (!std::is_same_v<T, double>) {
+    if (!exact) {
+      const FloatBlockSums fast = abs_sq_sums_float_blocks(x, n, add_grad);
+      return fast.trusted ? fast.sums : abs_sq_sums_double(x, n);
+    }
+  }
+  const AbsSqSums sums = abs_sq_sums_double(x, n);
+  add_grad(0, n);
+  return sums;
 }
 
 template <typename T, typename Compute>
@@ -277,6 +306,23 @@ REGEXT_ISA_CLONES AbsSqSums abs_sq_sums(const c10::Half* x, int64_t n, bool exac
 }
 REGEXT_ISA_CLONES AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n, bool exact) {
   return abs_sq_sums_impl(x, n, exact);
+}
+
+REGEXT_ISA_CLONES AbsSqSums abs_sq_sums_add_grad(const float* x, float* g, int64_t n, bool exact,
+                                                double sign_coef, double linear_coef) {
+  return abs_sq_sums_add_grad_impl(x, g, n, exact, sign_coef, linear_coef);
+}
+REGEXT_ISA_CLONES AbsSqSums abs_sq_sums_add_grad(const double* x, double* g, int64_t n, bool exact,
+                                                double sign_coef, double linear_coef) {
+  return abs_sq_sums_add_grad_impl(x, g, n, exact, sign_coef, linear_coef);
+}
+REGEXT_ISA_CLONES AbsSqSums abs_sq_sums_add_grad(const c10::Half* x, c10::Half* g, int64_t n, bool exact,
+                                                double sign_coef, double linear_coef) {
+  return abs_sq_sums_add_grad_impl(x, g, n, exact, sign_coef, linear_coef);
+}
+REGEXT_ISA_CLONES AbsSqSums abs_sq_sums_add_grad(const c10::BFloat16* x, c10::BFloat16* g, int64_t n, bool exact,
+                                                double sign_coef, double linear_coef) {
+  return abs_sq_sums_add_grad_impl(x, g, n, exact, sign_coef, linear_coef);
 }
 
 REGEXT_ISA_CLONES void penalty_grad(const float* x, float* out, int64_t n, double sign_coef,

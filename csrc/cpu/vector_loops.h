@@ -27,6 +27,18 @@ AbsSqSums abs_sq_sums(const double* x, int64_t n, bool exact);
 AbsSqSums abs_sq_sums(const c10::Half* x, int64_t n, bool exact);
 AbsSqSums abs_sq_sums(const c10::BFloat16* x, int64_t n, bool exact);
 
+// abs_sq_sums(x, n, exact) and, in the same read of x,
+// penalty_grad(x, g, n, sign_coef, linear_coef, 1, accumulate=true): for
+// gradients that do not depend on the sums (the squared L2 form).
+AbsSqSums abs_sq_sums_add_grad(const float* x, float* g, int64_t n, bool exact,
+                               double sign_coef, double linear_coef);
+AbsSqSums abs_sq_sums_add_grad(const double* x, double* g, int64_t n, bool exact,
+                               double sign_coef, double linear_coef);
+AbsSqSums abs_sq_sums_add_grad(const c10::Half* x, c10::Half* g, int64_t n, bool exact,
+                               double sign_coef, double linear_coef);
+AbsSqSums abs_sq_sums_add_grad(const c10::BFloat16* x, c10::BFloat16* g, int64_t n, bool exact,
+                               double sign_coef, double linear_coef);
+
 // out[i] = sign_coef * sign(x[i]) + (x[i] * linear_scale) * linear_coef
 // (accumulate: out[i] += ...). linear_scale is 1 except where the product
 // linear_coef * linear_scale would leave double's range (see GradCoefficients).

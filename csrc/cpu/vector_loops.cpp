@@ -4,6 +4,7 @@
 // The build passes -ffp-contract=off so no clone fuses a*b+c differently.
 #include "vector_loops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -77,6 +78,30 @@ REGEXT_INLINE Doubles8 abs8(Doubles8 v) {
   return reinterpret_cast<Doubles8>(reinterpret_cast<Int64s8>(v) & 0x7fffffffffffffffLL);
 }
 
+// Elements per block of the float32 loops below.
+constexpr int64_t kBlockElems = 256;
+
+// Software prefetch of the block kPrefetchBytes ahead of `p` (a block of
+// kBlockElems elements), one request per 256 bytes: the hardware prefetchers
+// stop at every 4 KiB page boundary, and a single stream read by one core
+// then waits on memory latency. Measured on the 2-core Xeon VM, summing GPT-2
+// small (475 MiB): 48 -> 39 ms on one thread, 27 -> 20 ms on two. Prefetches
+// past the end of a tensor are harmless (they never fault).
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <typename T>
+REGEXT_INLINE void prefetch_ahead(const T* p, int rw = 0) {
+  const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  constexpr int64_t kBlockBytes = kBlockElems * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < kBlockBytes; offset += 256) {
+    if (rw) {
+      __builtin_prefetch(ahead + offset, 1);
+    } else {
+      __builtin_prefetch(ahead + offset, 0);
+    }
+  }
+}
+
 // The float64 reference loop: every element widened to double, so the sums
 // are exact to ~1e-15 relative and never overflow or underflow for float32 and
 // the half types. It costs ~12 vector instructions per 16 elements, which makes
@@ -129,7 +154,6 @@ REGEXT_INLINE Doubles8 add_widened(Doubles8 acc, Floats16 v) {
 // instructions per 16 elements, so the loop runs at memory speed. The float32
 // part adds a relative error of at most ~8 float32 roundings (5e-7) in the
 // worst case, ~1e-7 typically; the float64 part keeps it from growing with n.
-constexpr int64_t kBlockElems = 256;
 
 struct FloatBlockSums {
   AbsSqSums sums;
@@ -146,6 +170,7 @@ REGEXT_INLINE FloatBlockSums abs_sq_sums_float_blocks(const T* x, int64_t n,
   int64_t i = 0;
   for (; i + kBlockElems <= n; i += kBlockElems) {
     Floats16 abs_a = {}, abs_b = {}, sq_a = {}, sq_b = {};
+    prefetch_ahead(x + i);
     for (int64_t j = i; j < i + kBlockElems; j += 32) {
       const Floats16 a = load16(x + j), b = load16(x + j + 16);
       abs_a += abs16(a);
@@ -209,14 +234,19 @@ REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_
   const Compute l = static_cast<Compute>(linear_coef);
   const Compute k = static_cast<Compute>(linear_scale);
   auto term = [&](Compute v) { return s * sign_of(v) + (kScaled ? (v * k) * l : l * v); };
-  if (accumulate) {
-    for (int64_t i = 0; i < n; ++i) {
-      const Compute v = static_cast<Compute>(x[i]);
-      out[i] = static_cast<T>(static_cast<Compute>(out[i]) + term(v));
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = static_cast<T>(term(static_cast<Compute>(x[i])));
+  for (int64_t begin = 0; begin < n; begin += kBlockElems) {
+    const int64_t end = std::min(n, begin + kBlockElems);
+    prefetch_ahead(x + begin);
+    prefetch_ahead(out + begin, /*rw=*/1);
+    if (accumulate) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Compute v = static_cast<Compute>(x[i]);
+        out[i] = static_cast<T>(static_cast<Compute>(out[i]) + term(v));
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = static_cast<T>(term(static_cast<Compute>(x[i])));
+      }
     }
   }
 }

@@ -11,6 +11,10 @@ the loop's gradients, before it is timed; one that fails is not timed):
   compiled        torch.compile(penalty_loop), inductor; compile time reported apart
   regext          regext.fused_penalty
   regext_inplace  regext.add_penalty_grad_ (forward+backward only), when it exists
+  foreach_norm2   one torch._foreach_norm(params, 2) pass (forward only): not the
+                  penalty, the cost of reading every tensor once with torch's own
+                  fused reduction; the yardstick of regext's forward (which yields
+                  both norms from its one read). Timed, not checked.
 
 Phases, identical for every variant:
   forward           the call with grad mode on and parameters requiring grad, so the
@@ -180,12 +184,16 @@ class Variant:
     the penalty gradient (added to the existing one when `inplace`).
     """
 
-    def __init__(self, name, forward=None, step=None, inplace=False):
+    def __init__(self, name, forward=None, step=None, inplace=False, reference_pass=False):
         self.name, self.forward, self.inplace = name, forward, inplace
         self.step = step or (lambda ps: _backward(forward(ps)))
         self.compile_info = None
+        # A forward-only yardstick that computes something other than the penalty.
+        self.reference_pass = reference_pass
 
     def phases(self):
+        if self.reference_pass:
+            return ["forward"]
         return [ph for ph in PHASES if ph != "forward" or self.forward is not None]
 
 
@@ -209,6 +217,8 @@ def make_variants(device, with_compiled, log):
             ps, L1, L2), inplace=True))
     else:
         log("regext_inplace: skipped, this regext has no add_penalty_grad_ yet")
+    variants.append(Variant("foreach_norm2", forward=lambda ps: torch._foreach_norm(ps, 2),
+                            reference_pass=True))
     return variants
 
 
@@ -264,6 +274,10 @@ def check_variant(variant, phase, params, ref, clock):
     Returns the check's fields, check_passed among them. For `compiled`, this first
     call of the phase compiles: its time is recorded in variant.compile_info.
     """
+    if variant.reference_pass:  # not the penalty: run it once (warm-up), check nothing
+        with torch.no_grad():
+            clock.time_ms(lambda: variant.forward(params))
+        return {"check_passed": True, "reference_pass": True}
     info = variant.compile_info
     if info is not None and not info:
         info["_counters"] = _compile_counters()
@@ -678,6 +692,13 @@ def main(argv=None):
     return 1 if any(f["kind"] == "check" for f in failures) else 0
 
 
+def forward_vs_one_pass(rows):
+    """{set: regext forward median / foreach_norm2 median}, where both were timed."""
+    forward = {(r["set"], r["variant"]): r["median_ms"] for r in rows if r["phase"] == "forward"}
+    return {s: forward[(s, "regext")] / forward[(s, "foreach_norm2")]
+            for (s, v) in forward if v == "foreach_norm2" and (s, "regext") in forward}
+
+
 def write_markdown(path, env, rows, scaling, failures, pngs):
     lines = [f"# regext benchmark: {env['device']}", "",
              f"- machine: {env['device_name']}, {env['threads']} torch threads, "
@@ -696,6 +717,10 @@ def write_markdown(path, env, rows, scaling, failures, pngs):
         lines += ["torch.compile time (first forward + first backward, excluded above): "
                   + ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in env["compile_ms"].items()),
                   ""]
+    ratios = forward_vs_one_pass(rows)
+    if ratios:
+        lines += ["regext forward / one `torch._foreach_norm(params, 2)` pass (medians): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), ""]
     if scaling:
         lines += ["## Scaling", "", format_table(scaling, SWEEP_COLUMNS, markdown=True), ""]
     for fail in failures:

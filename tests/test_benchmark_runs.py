@@ -38,8 +38,11 @@ def _check_rows(rows):
         assert ROW_KEYS <= row.keys(), row
         assert row["check_passed"] is True, row
         assert row["device"] == "cpu"
-        assert row["variant"] in ("loop", "foreach", "compiled", "regext", "regext_inplace")
+        assert row["variant"] in ("loop", "foreach", "compiled", "regext", "regext_inplace",
+                                  "foreach_norm2")
         assert row["phase"] in ("forward", "forward+backward")
+        if row["variant"] == "foreach_norm2":  # the one-pass yardstick: forward only
+            assert row["phase"] == "forward" and row.get("reference_pass") is True
         assert row["median_ms"] > 0 and row["gbps"] > 0 and row["pct_of_ceiling"] > 0
         if row["variant"] == "loop":
             assert row["speedup_vs_loop"] == 1.0
@@ -59,7 +62,7 @@ def test_quick_benchmark_writes_json_table_and_charts(tmp_path):
     _check_rows(rows)
     _check_rows(data["scaling"])
     assert {r["set"] for r in rows} == {"resnet18", "small500"}
-    expected = {"loop", "foreach", "regext"}
+    expected = {"loop", "foreach", "regext", "foreach_norm2"}
     if hasattr(regext, "add_penalty_grad_"):
         expected.add("regext_inplace")
     for s in ("resnet18", "small500"):
@@ -69,7 +72,8 @@ def test_quick_benchmark_writes_json_table_and_charts(tmp_path):
     assert {r["sweep"] for r in data["scaling"]} == {"count", "size"}
 
     assert "median ms" in proc.stdout and "vs loop" in proc.stdout  # the table
-    assert (tmp_path / "results.md").stat().st_size > 0
+    markdown = (tmp_path / "results.md").read_text()
+    assert "one `torch._foreach_norm(params, 2)` pass" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         for png in ("speedup.png", "scaling.png"):
             with open(tmp_path / png, "rb") as f:
@@ -161,7 +165,8 @@ def test_run_set_times_every_variant_including_inplace(bench, monkeypatch):
     logged = []
     device = torch.device("cpu")
     variants = bench.make_variants(device, False, logged.append)
-    assert [v.name for v in variants] == ["loop", "foreach", "regext", "regext_inplace"]
+    assert [v.name for v in variants] == ["loop", "foreach", "regext", "regext_inplace",
+                                          "foreach_norm2"]
     cfg = {"max_copies": 3, "warmup_rounds": 1}
     progress = bench.Progress(total=3)
     rows, failures = bench.run_set("tiny", [(30, 20), (20,), (1000,)], variants, device, cfg,
@@ -171,7 +176,7 @@ def test_run_set_times_every_variant_including_inplace(bench, monkeypatch):
     assert failures == []
     got = {(r["variant"], r["phase"]) for r in rows}
     assert got == {(v, p) for v in ("loop", "foreach", "regext") for p in bench.PHASES} | {
-        ("regext_inplace", "forward+backward")}
+        ("regext_inplace", "forward+backward"), ("foreach_norm2", "forward")}
     n_bytes = 4 * (600 + 20 + 1000)
     for row in rows:
         assert row["check_passed"] and row["samples"] >= 2 and row["rotation_copies"] == 3

@@ -227,8 +227,8 @@ def test_cuda_forward_allocates_o_number_of_tensors():
 
 
 def _large_params():
-    """Gradients of 2 MiB and more: on Linux the CPU backend backs them with huge
-    pages (csrc/cpu/output_alloc.h); one layout of each kind."""
+    """Gradients of 2 MiB and more, allocated by the CPU backend itself
+    (csrc/cpu/output_alloc.h), one layout of each kind."""
     gen = torch.Generator().manual_seed(1)
     return [torch.randn(1024, 1024, generator=gen).requires_grad_(),          # 4 MiB
             torch.randn(2048, 600, generator=gen).requires_grad_(),           # 4.7 MiB

@@ -89,7 +89,7 @@ void prox_group_l2_(at::TensorList params, double threshold) {
   check_backend(op, device);
   const auto options = at::TensorOptions().device(device);
   update_in_place(params, [&](const std::vector<at::Tensor>& dense) {
-    // The norms come from penalty_forward's own float64 stats pass.
+    // The norms come from penalty_forward's own stats pass (float64 sums).
     const at::Tensor stats = at::empty({static_cast<int64_t>(dense.size()), kStatsColumns},
                                        options.dtype(at::kDouble));
     const at::Tensor unused_total = at::empty({}, options.dtype(at::kDouble));

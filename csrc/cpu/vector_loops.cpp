@@ -28,46 +28,45 @@ namespace {
 typedef double Doubles8 __attribute__((vector_size(64)));
 typedef long long Int64s8 __attribute__((vector_size(64)));
 typedef float Floats8 __attribute__((vector_size(32)));
-typedef unsigned short Bits16x8 __attribute__((vector_size(16)));
-typedef unsigned int Bits32x8 __attribute__((vector_size(32)));
 typedef float Floats16 __attribute__((vector_size(64)));
 typedef int Int32s16 __attribute__((vector_size(64)));
-typedef unsigned short Bits16x16 __attribute__((vector_size(32)));
-typedef unsigned int Bits32x16 __attribute__((vector_size(64)));
 
-// Widens 8 consecutive elements to float.
-REGEXT_INLINE Floats8 load8(const float* x) {
-  Floats8 v;
+// Widens N consecutive elements to a vector of N floats (N = 8 or 16).
+template <int N>
+struct Lanes {
+  typedef float Floats __attribute__((vector_size(4 * N)));
+  typedef unsigned short Bits16 __attribute__((vector_size(2 * N)));
+  typedef unsigned int Bits32 __attribute__((vector_size(4 * N)));
+};
+
+template <int N>
+REGEXT_INLINE typename Lanes<N>::Floats load_floats(const float* x) {
+  typename Lanes<N>::Floats v;
   __builtin_memcpy(&v, x, sizeof(v));
   return v;
 }
-REGEXT_INLINE Floats8 load8(const c10::BFloat16* x) {
+template <int N>
+REGEXT_INLINE typename Lanes<N>::Floats load_floats(const c10::BFloat16* x) {
   // bfloat16 is the top half of a float32.
-  Bits16x8 bits;
+  typename Lanes<N>::Bits16 bits;
   __builtin_memcpy(&bits, x, sizeof(bits));
-  return reinterpret_cast<Floats8>(__builtin_convertvector(bits, Bits32x8) << 16);
+  return reinterpret_cast<typename Lanes<N>::Floats>(
+      __builtin_convertvector(bits, typename Lanes<N>::Bits32) << 16);
 }
-REGEXT_INLINE Floats8 load8(const c10::Half* x) {
-  Floats8 v;
-  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(x[i]);
+template <int N>
+REGEXT_INLINE typename Lanes<N>::Floats load_floats(const c10::Half* x) {
+  typename Lanes<N>::Floats v;
+  for (int i = 0; i < N; ++i) v[i] = static_cast<float>(x[i]);
   return v;
 }
 
-// Widens 16 consecutive elements to float.
-REGEXT_INLINE Floats16 load16(const float* x) {
-  Floats16 v;
-  __builtin_memcpy(&v, x, sizeof(v));
-  return v;
+template <typename T>
+REGEXT_INLINE Floats8 load8(const T* x) {
+  return load_floats<8>(x);
 }
-REGEXT_INLINE Floats16 load16(const c10::BFloat16* x) {
-  Bits16x16 bits;
-  __builtin_memcpy(&bits, x, sizeof(bits));
-  return reinterpret_cast<Floats16>(__builtin_convertvector(bits, Bits32x16) << 16);
-}
-REGEXT_INLINE Floats16 load16(const c10::Half* x) {
-  Floats16 v;
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(x[i]);
-  return v;
+template <typename T>
+REGEXT_INLINE Floats16 load16(const T* x) {
+  return load_floats<16>(x);
 }
 
 REGEXT_INLINE Floats16 abs16(Floats16 v) {

@@ -80,11 +80,9 @@ template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     partial_sums_kernel(const __grid_constant__ TensorBatch batch, SumPair* __restrict__ partials) {
   using Acc = typename AccType<T>::type;
-  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
-  const int j = owner_of_chunk(batch, chunk);
-  const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
-  const int n = static_cast<int>(min(kChunkElems, batch.numel[j] - begin));
-  const T* __restrict__ x = static_cast<const T*>(batch.inputs[j]) + begin;
+  const ChunkSpan span = chunk_of_block(batch);
+  const int n = span.length;
+  const T* __restrict__ x = static_cast<const T*>(batch.inputs[span.tensor]) + span.begin;
 
   Acc abs_sum = 0, sq_sum = 0;
   int tail_start = 0;
@@ -111,7 +109,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   const SumPair total = block_sum(SumPair{static_cast<double>(abs_sum),
                                           static_cast<double>(sq_sum)});
-  if (threadIdx.x == 0) partials[chunk] = total;
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 // Sums `stats` rows [0, num_rows) into the weighted penalty, written in float32
@@ -223,12 +221,11 @@ __global__ void __launch_bounds__(kBlockThreads)
                 const void* grad_total, bool grad_total_is_double, double l1, double l2,
                 bool l2_squared) {
   using C = typename GradComputeType<T>::type;
-  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
-  const int j = owner_of_chunk(batch, chunk);
-  const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
-  const int n = static_cast<int>(min(kChunkElems, batch.numel[j] - begin));
-  const T* __restrict__ x = static_cast<const T*>(batch.inputs[j]) + begin;
-  T* __restrict__ out = static_cast<T*>(batch.outputs[j]) + begin;
+  const ChunkSpan span = chunk_of_block(batch);
+  const int j = span.tensor;
+  const int n = span.length;
+  const T* __restrict__ x = static_cast<const T*>(batch.inputs[j]) + span.begin;
+  T* __restrict__ out = static_cast<T*>(batch.outputs[j]) + span.begin;
 
   const double g = grad_total_is_double ? *static_cast<const double*>(grad_total)
                                         : static_cast<double>(*static_cast<const float*>(grad_total));

@@ -30,19 +30,6 @@ template <typename T> struct ScaleComputeType { using type = double; };
 template <> struct ScaleComputeType<c10::Half> { using type = float; };
 template <> struct ScaleComputeType<c10::BFloat16> { using type = float; };
 
-struct ChunkSpan {
-  int tensor;
-  int64_t begin;
-  int length;
-};
-
-__device__ __forceinline__ ChunkSpan chunk_of_block(const TensorBatch& batch) {
-  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
-  const int j = owner_of_chunk(batch, chunk);
-  const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
-  return {j, begin, static_cast<int>(min(kChunkElems, batch.numel[j] - begin))};
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     prox_l1_kernel(const __grid_constant__ TensorBatch batch, double threshold) {

@@ -121,6 +121,21 @@ __device__ __forceinline__ int owner_of_chunk(const TensorBatch& b, int32_t chun
   }
   return lo;
 }
+
+// The chunk of this block (one block per chunk): its tensor, where it starts in
+// that tensor, and its length (kChunkElems, less for a tensor's last chunk).
+struct ChunkSpan {
+  int tensor;
+  int64_t begin;
+  int length;
+};
+
+__device__ __forceinline__ ChunkSpan chunk_of_block(const TensorBatch& batch) {
+  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
+  const int j = owner_of_chunk(batch, chunk);
+  const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
+  return {j, begin, static_cast<int>(min(kChunkElems, batch.numel[j] - begin))};
+}
 #endif
 
 }  // namespace regext::cuda

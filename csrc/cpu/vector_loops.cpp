@@ -84,8 +84,8 @@ constexpr int64_t kBlockElems = 256;
 // kBlockElems elements), one request per 256 bytes: the hardware prefetchers
 // stop at every 4 KiB page boundary, and a single stream read by one core
 // then waits on memory latency. Measured on the 2-core Xeon VM, summing GPT-2
-// small (475 MiB): 48 -> 39 ms on one thread, 27 -> 20 ms on two. Prefetches
-// past the end of a tensor are harmless (they never fault).
+// small (475 MiB), two runs: 48-51 -> 39-42 ms on one thread, 27 -> 20-23 ms
+// on two. Prefetches past the end of a tensor are harmless (they never fault).
 constexpr int64_t kPrefetchBytes = 8192;
 
 template <typename T>
@@ -111,6 +111,7 @@ REGEXT_INLINE AbsSqSums abs_sq_sums_double(const T* x, int64_t n) {
   Doubles8 abs_a = {}, abs_b = {}, sq_a = {}, sq_b = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    if (i % kBlockElems == 0) prefetch_ahead(x + i);
     Doubles8 a, b;
     if constexpr (std::is_same_v<T, double>) {
       __builtin_memcpy(&a, x + i, sizeof(a));

@@ -22,7 +22,6 @@ The goal (issue #5): regext_inplace >= 3x faster than compiled_loop and within
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,18 +31,9 @@ import torch
 import regext
 from regext.reference import penalty_loop
 
-
-def gpt2_small_shapes(n_layer=12, d=768, vocab=50257, ctx=1024):
-    shapes = [(vocab, d), (ctx, d)]  # wte, wpe
-    for _ in range(n_layer):
-        shapes += [(d,), (d,),                  # ln_1
-                   (d, 3 * d), (3 * d,),        # attn.c_attn
-                   (d, d), (d,),                # attn.c_proj
-                   (d,), (d,),                  # ln_2
-                   (d, 4 * d), (4 * d,),        # mlp.c_fc
-                   (4 * d, d), (d,)]            # mlp.c_proj
-    shapes += [(d,), (d,)]  # ln_f
-    return shapes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import param_sets  # noqa: E402  (benchmarks/: the GPT-2 small shapes)
+import timing  # noqa: E402
 
 
 def scaled(shapes, scale):
@@ -51,17 +41,6 @@ def scaled(shapes, scale):
         return shapes
     return [tuple(max(1, int(round(s[0] * scale))) if i == 0 else s[i] for i in range(len(s)))
             for s in shapes]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None):
@@ -85,7 +64,7 @@ def main(argv=None):
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
-    shapes = scaled(gpt2_small_shapes(), args.scale)
+    shapes = scaled(param_sets.gpt2_small(), args.scale)
     params = [(0.02 * torch.randn(s, generator=gen)).to(device).requires_grad_() for s in shapes]
     for p in params:
         p.grad = (1e-3 * torch.randn(p.shape, generator=gen)).to(device)
@@ -93,7 +72,7 @@ def main(argv=None):
     numel = sum(p.numel() for p in params)
     l1, l2, sq = args.l1, args.l2, args.l2_squared
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, load average {load:.1f}; "
+    print(f"{timing.cpu_model_name()}, {torch.get_num_threads()} threads, load average {load:.1f}; "
           f"torch {torch.__version__}")
     print(f"{len(params)} tensors, {numel / 1e6:.1f}M elements ({numel * 4 / 2**20:.0f} MiB "
           f"per fp32 copy) on {device}; l1={l1} l2={l2} l2_squared={sq}", flush=True)
@@ -168,7 +147,7 @@ def main(argv=None):
 
     result = {
         "device": str(device),
-        "cpu": cpu_name(),
+        "cpu": timing.cpu_model_name(),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "load_average_at_start": load,

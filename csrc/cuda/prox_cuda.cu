@@ -95,37 +95,40 @@ cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index());
 }
 
-}  // namespace
-
-void prox_l1(const std::vector<at::Tensor>& dense, double threshold) {
+// Runs launch(T* tag, plan, stream) once per non-empty batch of `dense`, which
+// is updated in place (each tensor is its own output), on the current stream
+// of its device, and checks each launch.
+template <typename Launch>
+void update_per_batch(const std::vector<at::Tensor>& dense, Launch&& launch) {
   if (dense.empty()) return;
   const c10::cuda::CUDAGuard guard(dense[0].device());
   const cudaStream_t stream = stream_of(dense[0]);
   for (const BatchPlan& plan : plan_batches(dense, dense, identity_rows(dense.size()))) {
     if (plan.num_chunks == 0) continue;
     dispatch_float_types(plan.dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      prox_l1_kernel<T><<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
-          plan.batch, threshold);
+      launch(tag, plan, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 }
 
+}  // namespace
+
+void prox_l1(const std::vector<at::Tensor>& dense, double threshold) {
+  update_per_batch(dense, [&](auto* tag, const BatchPlan& plan, cudaStream_t stream) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    prox_l1_kernel<T><<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
+        plan.batch, threshold);
+  });
+}
+
 void prox_group_l2(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
                    double threshold) {
-  if (dense.empty()) return;
-  const c10::cuda::CUDAGuard guard(dense[0].device());
-  const cudaStream_t stream = stream_of(dense[0]);
-  for (const BatchPlan& plan : plan_batches(dense, dense, identity_rows(dense.size()))) {
-    if (plan.num_chunks == 0) continue;
-    dispatch_float_types(plan.dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      group_shrink_kernel<T><<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
-          plan.batch, stats.const_data_ptr<double>(), threshold);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  update_per_batch(dense, [&](auto* tag, const BatchPlan& plan, cudaStream_t stream) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    group_shrink_kernel<T><<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
+        plan.batch, stats.const_data_ptr<double>(), threshold);
+  });
 }
 
 void count_zeros(const std::vector<at::Tensor>& dense, const at::Tensor& counts) {

@@ -1,79 +1,79 @@
-// The interface between the operators (csrc/penalty_ops.cpp) and the device
-// kernels (csrc/cpu, csrc/cuda). The operators validate arguments, make every
-// tensor dense and allocate outputs; a backend only streams over memory.
+// What a device backend implements: the interface between the operator layer
+// (csrc/penalty_ops.h, csrc/prox_ops.h) and the kernels (csrc/cpu, csrc/cuda).
 //
-// Conventions shared by all backends:
+// The operator layer validates arguments, makes every tensor dense and
+// allocates outputs; a backend only streams over memory. Conventions:
 // - `dense[t]` is params[t] itself when its elements fill one span of memory,
 //   else a contiguous copy; kernels read it flat, in memory order.
 // - `stats` is float64 [n, 2]: (sum |x|, sum x^2) of tensor t in row t.
 // - `targets[t]` has exactly the strides of `dense[t]`, so element i of one is
 //   element i of the other.
+// - The tensors of one in-place call never share memory (the operator layer
+//   splits aliasing lists into runs, csrc/aliasing.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include <vector>
+#include <cstdint>
 
 namespace regext {
 
 struct GradRequest {
-  const std::vector<at::Tensor>& dense;    // parameters
-  const std::vector<at::Tensor>& targets;  // gradients to write or add to
+  at::ArrayRef<at::Tensor> dense;    // parameters
+  at::ArrayRef<at::Tensor> targets;  // gradients to write or add to
   const at::Tensor& stats;
-  const std::vector<int64_t>& rows;        // stats row of each parameter
-  const at::Tensor& grad_total;            // 0-dim, on the parameters' device
+  at::ArrayRef<int64_t> rows;        // stats row of each parameter
+  const at::Tensor& grad_total;      // 0-dim, on the parameters' device
   double l1;
   double l2;
   bool l2_squared;
   bool accumulate;  // targets[t] += ... instead of targets[t] = ...
 };
 
-namespace cpu {
-// Writes every row of `stats` and the 0-dim `total` (float32 or float64).
-void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
-                             const at::Tensor& total, double l1, double l2, bool l2_squared);
-void penalty_grads(const GradRequest& request);
-// penalty_stats_and_total(l2_squared = true), and in the same read of each
-// tensor targets[t] += its gradient (which in this form needs no norm).
-// The targets share no memory with each other (one alias-free run).
-void penalty_stats_total_and_accumulate_squared(const std::vector<at::Tensor>& dense,
-                                                const std::vector<at::Tensor>& targets,
-                                                const at::Tensor& stats, const at::Tensor& total,
-                                                double l1, double l2);
-}  // namespace cpu
+// Both backends provide these static functions (csrc/cpu/*.cpp, csrc/cuda/*.cu):
+//   empty_like_dense(t)             a new tensor with the sizes and strides of dense `t`
+//   stats_and_total(dense, stats, total, l1, l2, l2_squared)
+//                                   every row of `stats` and the 0-dim `total`
+//                                   (float32 or float64)
+//   grads(request)                  writes or adds every gradient
+//   prox_l1(dense, threshold)       soft_threshold (penalty_math.h) of every element
+//   prox_group_l2(dense, stats, threshold)
+//                                   dense[t] *= group_shrink_scale(stats[t][1], threshold);
+//                                   a factor of exactly 1 leaves the tensor untouched
+//   count_zeros(dense, counts)      counts[t] = elements of dense[t] equal to +-0
+//                                   (`counts`: int64 [n] on the tensors' device)
+// and say in kSamePassSquaredAccumulate whether they also have
+//   stats_total_and_accumulate_squared(dense, targets, stats, total, l1, l2)
+//                                   stats_and_total(l2_squared = true) and, in the
+//                                   same read of each tensor, targets[t] += its
+//                                   gradient (in that form it needs no norm)
 
-#ifdef REGEXT_WITH_CUDA
-namespace cuda {
-void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
-                             const at::Tensor& total, double l1, double l2, bool l2_squared);
-void penalty_grads(const GradRequest& request);
-}  // namespace cuda
-#endif
+struct CpuBackend {
+  static constexpr bool kSamePassSquaredAccumulate = true;
+  static at::Tensor empty_like_dense(const at::Tensor& t);
+  static void stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
+                              const at::Tensor& total, double l1, double l2, bool l2_squared);
+  static void grads(const GradRequest& request);
+  static void stats_total_and_accumulate_squared(at::ArrayRef<at::Tensor> dense,
+                                                 at::ArrayRef<at::Tensor> targets,
+                                                 const at::Tensor& stats, const at::Tensor& total,
+                                                 double l1, double l2);
+  static void prox_l1(at::ArrayRef<at::Tensor> dense, double threshold);
+  static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
+                            double threshold);
+  static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
+};
 
-// ---- Proximal steps and sparsity (operators: csrc/prox_ops.cpp) ----
-//
-// Same conventions: every tensor of `dense` is dense and is updated in place,
-// flat in memory order; the operator has already split the list into runs
-// without shared memory, so the tensors of one call never alias each other.
-namespace cpu {
-// x <- soft_threshold(x, threshold) (penalty_math.h) for every element.
-void prox_l1(const std::vector<at::Tensor>& dense, double threshold);
-// dense[t] *= group_shrink_scale(stats[t][1], threshold) (penalty_math.h); a
-// factor of exactly 1 leaves the tensor untouched. `stats` as above.
-void prox_group_l2(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
-                   double threshold);
-// counts[t] = the number of elements of dense[t] equal to +0 or -0; `counts`
-// is int64 [n] on the tensors' device.
-void count_zeros(const std::vector<at::Tensor>& dense, const at::Tensor& counts);
-}  // namespace cpu
-
-#ifdef REGEXT_WITH_CUDA
-namespace cuda {
-void prox_l1(const std::vector<at::Tensor>& dense, double threshold);
-void prox_group_l2(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
-                   double threshold);
-void count_zeros(const std::vector<at::Tensor>& dense, const at::Tensor& counts);
-}  // namespace cuda
-#endif
+struct CudaBackend {
+  static constexpr bool kSamePassSquaredAccumulate = false;
+  static at::Tensor empty_like_dense(const at::Tensor& t);
+  static void stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
+                              const at::Tensor& total, double l1, double l2, bool l2_squared);
+  static void grads(const GradRequest& request);
+  static void prox_l1(at::ArrayRef<at::Tensor> dense, double threshold);
+  static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
+                            double threshold);
+  static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
+};
 
 }  // namespace regext

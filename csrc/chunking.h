@@ -14,6 +14,11 @@
 
 namespace regext {
 
+// Elements per chunk, on every backend: big enough that a chunk amortizes its
+// bookkeeping (one CUDA block, one task of at::parallel_for), small enough that
+// 500 small tensors and one huge tensor both spread over all cores.
+constexpr int64_t kChunkElems = int64_t{1} << 15;
+
 struct Chunk {
   int64_t tensor;  // position in the input list
   int64_t begin;   // first element, counted in the tensor's memory order
@@ -38,28 +43,6 @@ inline ChunkTable make_chunk_table(at::TensorList tensors, int64_t chunk_elems) 
   }
   table.first_chunk.push_back(static_cast<int64_t>(table.chunks.size()));
   return table;
-}
-
-// A tensor whose elements fill a contiguous span of memory (any permutation of
-// a contiguous tensor: transposes, channels-last) can be read and written as a
-// flat array in memory order. Anything else is copied to contiguous first.
-inline at::Tensor as_dense(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
-}
-
-inline std::vector<at::Tensor> as_dense(at::TensorList tensors) {
-  std::vector<at::Tensor> out;
-  out.reserve(tensors.size());
-  for (const auto& t : tensors) out.push_back(as_dense(t));
-  return out;
-}
-
-// The dtype of the penalty: float64 if any parameter is float64, else float32.
-inline c10::ScalarType result_dtype(at::TensorList tensors) {
-  for (const auto& t : tensors) {
-    if (t.scalar_type() == c10::kDouble) return c10::kDouble;
-  }
-  return c10::kFloat;
 }
 
 }  // namespace regext

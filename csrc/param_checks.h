@@ -6,20 +6,25 @@
 // bad coefficient, naming the argument and the position.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/OptionalArrayRef.h>
 
 #include <cmath>
-#include <string>
 #include <vector>
-
-#include <c10/util/OptionalArrayRef.h>
 
 namespace regext {
 
 inline bool is_supported_dtype(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf ||
          t == c10::kBFloat16;
+}
+
+// The device of a list's first tensor; a list must not be empty.
+inline c10::Device device_of(const char* op, at::TensorList params) {
+  TORCH_CHECK_VALUE(!params.empty(), op, ": params must hold at least one tensor");
+  return params[0].device();
 }
 
 // Every tensor must be strided, real floating point, and on `device`.
@@ -41,6 +46,15 @@ inline void check_tensor_list(const char* op, const char* arg, at::TensorList te
 inline void check_coefficient(const char* op, const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, op, ": ", name,
                     " must be a finite number >= 0, got ", value);
+}
+
+// A list that is about to be written in place: every tensor passes before
+// anything is modified, and no tensor's elements overlap each other.
+inline c10::Device check_mutable_list(const char* op, at::TensorList params) {
+  const c10::Device device = device_of(op, params);
+  check_tensor_list(op, "params", params, device);
+  for (const auto& p : params) at::assert_no_internal_overlap(p);
+  return device;
 }
 
 // `stats` must be an [n, 2] float64 tensor as penalty_forward produces it.
@@ -93,6 +107,21 @@ inline void check_same_shapes(const char* op, const char* arg, at::TensorList ou
   for (size_t i = 0; i < out.size(); ++i) {
     TORCH_CHECK(out[i].sizes() == params[i].sizes(), op, ": ", arg, "[", i, "] has shape ",
                 out[i].sizes(), " but params[", i, "] has shape ", params[i].sizes());
+  }
+}
+
+// Gradients to accumulate into: each matches its parameter's shape and dtype,
+// lies on the same device and owns its elements.
+inline void check_grads_for(const char* op, at::TensorList grads, at::TensorList params,
+                            c10::Device device) {
+  check_tensor_list(op, "params", params, device);
+  check_tensor_list(op, "grads", grads, device);
+  check_same_shapes(op, "grads", grads, params);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    TORCH_CHECK_TYPE(grads[t].scalar_type() == params[t].scalar_type(), op, ": grads[", t,
+                     "] has dtype ", grads[t].scalar_type(), " but params[", t, "] has dtype ",
+                     params[t].scalar_type());
+    at::assert_no_internal_overlap(grads[t]);
   }
 }
 

@@ -43,21 +43,17 @@ struct PenaltyTotals {
 };
 
 // d(penalty)/dx for every element x of one tensor is
-//     sign_coef * sign(x) + linear_coef * x.
+//     sign_coef * sign(x) + (x * linear_scale) * linear_coef,
+// with linear_scale = 1 (the term is then linear_coef * x) except where
+// (grad_out * l2) / ||x|| would leave double's normal range although no
+// gradient element does (|x| / ||x|| <= 1): a tiny coefficient on a tensor of
+// huge norm, e.g. l2 = 1e-300 and ||x|| = 1e38. There linear_scale = 1 / ||x||
+// and linear_coef = grad_out * l2, and kernels form the product in float64.
 // grad_out is the incoming gradient of the 0-dim result.
-//
-// Unless split_scale != 0: then linear_coef = (grad_out * l2) / ||x|| has left
-// double's normal range (a tiny coefficient on a tensor of huge norm, e.g.
-// l2 = 1e-300 and ||x|| = 1e38, underflows to a subnormal or 0) although every
-// gradient element does not (|x| / ||x|| <= 1), and the linear term is
-//     (x * split_scale) * split_coef,   split_scale = 1 / ||x||, split_coef = grad_out * l2.
-// linear_coef keeps its old meaning, so a kernel that ignores the split still
-// computes what it did before.
 struct GradCoefficients {
   double sign_coef;
   double linear_coef;
-  double split_coef = 0.0;
-  double split_scale = 0.0;
+  double linear_scale = 1.0;
 };
 
 // Whether a gradient coefficient may be rounded to float32 for the float32
@@ -91,8 +87,8 @@ C10_HOST_DEVICE inline GradCoefficients grad_coefficients(
     const double mag = ::fabs(c.linear_coef);
     if (coef != 0.0 && ::fabs(coef) <= kMax && norm != 0.0 && norm <= kMax &&
         !(mag >= kMinNormal && mag <= kMax)) {
-      c.split_coef = coef;
-      c.split_scale = 1.0 / norm;
+      c.linear_coef = coef;
+      c.linear_scale = 1.0 / norm;
     }
   }
   return c;

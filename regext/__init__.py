@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 def cuda_available() -> bool:
     """True when the CUDA kernels were compiled into this build."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("regext::penalty_forward", "CUDA")
+    return bool(_C.with_cuda)
 
 
 __all__ = ["fused_penalty", "add_penalty_grad_", "Penalty", "PenaltyGroup", "prox_l1_",

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "../compute_types.h"
 #include "../penalty_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
@@ -259,9 +260,10 @@ REGEXT_INLINE void penalty_grad_any(const T* x, T* out, int64_t n, double sign_c
                                        accumulate);
     return;
   }
-  if constexpr (!std::is_same_v<T, double>) {
+  using Compute = typename ElementwiseCompute<T>::type;
+  if constexpr (!std::is_same_v<Compute, double>) {
     if (coef_fits_float(sign_coef) && coef_fits_float(linear_coef)) {
-      penalty_grad_impl<T, float>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
+      penalty_grad_impl<T, Compute>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
       return;
     }
   }
@@ -291,7 +293,7 @@ REGEXT_INLINE AbsSqSums abs_sq_sums_add_grad_impl(const T* x, T* g, int64_t n, b
   return sums;
 }
 
-template <typename T, typename Compute>
+template <typename T, typename Compute = typename ElementwiseCompute<T>::type>
 REGEXT_INLINE void soft_threshold_impl(T* x, int64_t n, double t) {
   const Compute tc = static_cast<Compute>(t);
   for (int64_t i = 0; i < n; ++i) {
@@ -299,7 +301,7 @@ REGEXT_INLINE void soft_threshold_impl(T* x, int64_t n, double t) {
   }
 }
 
-template <typename T, typename Compute>
+template <typename T, typename Compute = typename ScaleCompute<T>::type>
 REGEXT_INLINE void scale_impl(T* x, int64_t n, double scale) {
   const Compute s = static_cast<Compute>(scale);
   for (int64_t i = 0; i < n; ++i) {
@@ -375,29 +377,29 @@ REGEXT_ISA_CLONES void penalty_grad(const c10::BFloat16* x, c10::BFloat16* out, 
 }
 
 REGEXT_ISA_CLONES void soft_threshold_(float* x, int64_t n, double t) {
-  soft_threshold_impl<float, float>(x, n, t);
+  soft_threshold_impl<float>(x, n, t);
 }
 REGEXT_ISA_CLONES void soft_threshold_(double* x, int64_t n, double t) {
-  soft_threshold_impl<double, double>(x, n, t);
+  soft_threshold_impl<double>(x, n, t);
 }
 REGEXT_ISA_CLONES void soft_threshold_(c10::Half* x, int64_t n, double t) {
-  soft_threshold_impl<c10::Half, float>(x, n, t);
+  soft_threshold_impl<c10::Half>(x, n, t);
 }
 REGEXT_ISA_CLONES void soft_threshold_(c10::BFloat16* x, int64_t n, double t) {
-  soft_threshold_impl<c10::BFloat16, float>(x, n, t);
+  soft_threshold_impl<c10::BFloat16>(x, n, t);
 }
 
 REGEXT_ISA_CLONES void scale_(float* x, int64_t n, double scale) {
-  scale_impl<float, double>(x, n, scale);
+  scale_impl<float>(x, n, scale);
 }
 REGEXT_ISA_CLONES void scale_(double* x, int64_t n, double scale) {
-  scale_impl<double, double>(x, n, scale);
+  scale_impl<double>(x, n, scale);
 }
 REGEXT_ISA_CLONES void scale_(c10::Half* x, int64_t n, double scale) {
-  scale_impl<c10::Half, float>(x, n, scale);
+  scale_impl<c10::Half>(x, n, scale);
 }
 REGEXT_ISA_CLONES void scale_(c10::BFloat16* x, int64_t n, double scale) {
-  scale_impl<c10::BFloat16, float>(x, n, scale);
+  scale_impl<c10::BFloat16>(x, n, scale);
 }
 
 REGEXT_ISA_CLONES int64_t count_zeros(const float* x, int64_t n) { return count_zeros_impl(x, n); }

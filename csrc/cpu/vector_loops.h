@@ -40,8 +40,7 @@ AbsSqSums abs_sq_sums_add_grad(const c10::BFloat16* x, c10::BFloat16* g, int64_t
                                double sign_coef, double linear_coef);
 
 // out[i] = sign_coef * sign(x[i]) + (x[i] * linear_scale) * linear_coef
-// (accumulate: out[i] += ...). linear_scale is 1 except where the product
-// linear_coef * linear_scale would leave double's range (see GradCoefficients).
+// (accumulate: out[i] += ...), with GradCoefficients' fields (penalty_math.h).
 void penalty_grad(const float* x, float* out, int64_t n, double sign_coef, double linear_coef,
                   double linear_scale, bool accumulate);
 void penalty_grad(const double* x, double* out, int64_t n, double sign_coef,
@@ -57,8 +56,7 @@ void soft_threshold_(double* x, int64_t n, double t);
 void soft_threshold_(c10::Half* x, int64_t n, double t);
 void soft_threshold_(c10::BFloat16* x, int64_t n, double t);
 
-// x[i] = x[i] * scale in place, rounded once to the dtype (float64 products for
-// float32/float64, float32 products for the half types, as torch computes them).
+// x[i] = x[i] * scale in place, in ScaleCompute (compute_types.h), rounded once.
 void scale_(float* x, int64_t n, double scale);
 void scale_(double* x, int64_t n, double scale);
 void scale_(c10::Half* x, int64_t n, double scale);

@@ -13,25 +13,21 @@
 // incoming gradient and the norms are read on the device: nothing here
 // synchronizes with the host, so a training step can be captured in a graph.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "../backend.h"
-#include "../dtype_dispatch.h"
+#include "../compute_types.h"
 #include "../penalty_math.h"
 #include "block_reduce.cuh"
+#include "launch.cuh"
 #include "tensor_batch.cuh"
 
-namespace regext::cuda {
+namespace regext {
+namespace cuda {
 namespace {
-
-constexpr int kBlockThreads = 512;
-constexpr int kCombineThreads = 512;
 
 // float32, bfloat16 and float64 accumulate in float64 (exactly as on the CPU:
 // no overflow of x^2 for elements up to 3.4e38, no underflow for subnormal
@@ -41,11 +37,6 @@ constexpr int kCombineThreads = 512;
 // 1e-30 leaves float32's range.
 template <typename T> struct AccType { using type = double; };
 template <> struct AccType<c10::Half> { using type = float; };
-
-// Gradients are computed in float32 except for float64, as on the CPU, and in
-// float64 when a coefficient does not fit float32 (coef_fits_float).
-template <typename T> struct GradComputeType { using type = float; };
-template <> struct GradComputeType<double> { using type = double; };
 
 template <typename T>
 struct alignas(16) Vec16 {
@@ -114,7 +105,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Sums `stats` rows [0, num_rows) into the weighted penalty, written in float32
 // or float64. Called by all threads of one block.
-__device__ void write_total(const double* __restrict__ stats, int64_t num_rows, double l1,
+// (stats is written by the same kernel in combine_kernel: no __restrict__, whose
+// read-only-cache loads could be stale.)
+__device__ void write_total(const double* stats, int64_t num_rows, double l1,
                             double l2, bool l2_squared, void* out, bool out_is_double) {
   SumPair sums{0.0, 0.0};
   for (int64_t r = threadIdx.x; r < num_rows; r += blockDim.x) {
@@ -135,7 +128,7 @@ __device__ void write_total(const double* __restrict__ stats, int64_t num_rows, 
   }
 }
 
-__global__ void __launch_bounds__(kCombineThreads)
+__global__ void __launch_bounds__(kBlockThreads)
     combine_kernel(const __grid_constant__ TensorBatch batch, const SumPair* __restrict__ partials,
                    double* __restrict__ stats, bool write_total_too, int64_t num_rows, double l1,
                    double l2, bool l2_squared, void* total, bool total_is_double) {
@@ -160,7 +153,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 }
 
-__global__ void __launch_bounds__(kCombineThreads)
+__global__ void __launch_bounds__(kBlockThreads)
     total_kernel(const double* __restrict__ stats, int64_t num_rows, double l1, double l2,
                  bool l2_squared, void* total, bool total_is_double) {
   write_total(stats, num_rows, l1, l2, l2_squared, total, total_is_double);
@@ -220,7 +213,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     grad_kernel(const __grid_constant__ TensorBatch batch, const double* __restrict__ stats,
                 const void* grad_total, bool grad_total_is_double, double l1, double l2,
                 bool l2_squared) {
-  using C = typename GradComputeType<T>::type;
+  using C = typename ElementwiseCompute<T>::type;
   const ChunkSpan span = chunk_of_block(batch);
   const int j = span.tensor;
   const int n = span.length;
@@ -232,9 +225,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   const GradCoefficients k = grad_coefficients(
       g, stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 1], l1, l2, l2_squared);
   // The same choice for every thread of the block (one tensor per block).
-  if (k.split_scale != 0.0) {
-    grad_chunk<T, double, kAccumulate, true>(x, out, n, k.sign_coef, k.split_coef,
-                                             k.split_scale);
+  if (k.linear_scale != 1.0) {
+    grad_chunk<T, double, kAccumulate, true>(x, out, n, k.sign_coef, k.linear_coef,
+                                             k.linear_scale);
     return;
   }
   if constexpr (!std::is_same_v<C, double>) {
@@ -248,11 +241,18 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 }  // namespace
+}  // namespace cuda
 
-void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Tensor& stats,
-                             const at::Tensor& total, double l1, double l2, bool l2_squared) {
-  const c10::cuda::CUDAGuard guard(stats.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(stats.device().index());
+using namespace cuda;
+
+at::Tensor CudaBackend::empty_like_dense(const at::Tensor& t) {
+  return at::empty_strided(t.sizes(), t.strides(), t.options());
+}
+
+void CudaBackend::stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
+                                  const at::Tensor& total, double l1, double l2,
+                                  bool l2_squared) {
+  const OnDevice on(stats.device());
   const std::vector<BatchPlan> plans = plan_batches(dense, {}, identity_rows(dense.size()));
   const int64_t num_rows = static_cast<int64_t>(dense.size());
   const bool total_is_double = total.scalar_type() == at::kDouble;
@@ -261,48 +261,32 @@ void penalty_stats_and_total(const std::vector<at::Tensor>& dense, const at::Ten
   at::Tensor partials = at::empty({std::max<int64_t>(total_chunks(plans), 1), kStatsColumns},
                                   stats.options());
   auto* partial_slots = reinterpret_cast<SumPair*>(partials.data_ptr<double>());
-  for (const BatchPlan& plan : plans) {
-    if (plan.num_chunks == 0) continue;
-    dispatch_float_types(plan.dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      partial_sums_kernel<T><<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
-          plan.batch, partial_slots + plan.chunk_base);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  for_each_batch(plans, [&](auto tag, const BatchPlan& plan) {
+    using T = typename decltype(tag)::type;
+    launch(partial_sums_kernel<T>, plan.num_chunks, kBlockThreads, on.stream, plan.batch,
+           partial_slots + plan.chunk_base);
+  });
   const bool single_batch = plans.size() == 1;
   for (const BatchPlan& plan : plans) {
-    combine_kernel<<<1, kCombineThreads, 0, stream>>>(
-        plan.batch, partial_slots + plan.chunk_base, stats.data_ptr<double>(), single_batch,
-        num_rows, l1, l2, l2_squared, total.data_ptr(), total_is_double);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(combine_kernel, 1, kBlockThreads, on.stream, plan.batch,
+           partial_slots + plan.chunk_base, stats.data_ptr<double>(), single_batch, num_rows, l1,
+           l2, l2_squared, total.data_ptr(), total_is_double);
   }
   if (!single_batch) {
-    total_kernel<<<1, kCombineThreads, 0, stream>>>(stats.const_data_ptr<double>(), num_rows, l1,
-                                                    l2, l2_squared, total.data_ptr(),
-                                                    total_is_double);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(total_kernel, 1, kBlockThreads, on.stream, stats.const_data_ptr<double>(), num_rows,
+           l1, l2, l2_squared, total.data_ptr(), total_is_double);
   }
 }
 
-void penalty_grads(const GradRequest& r) {
-  const c10::cuda::CUDAGuard guard(r.stats.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(r.stats.device().index());
-  const std::vector<BatchPlan> plans = plan_batches(r.dense, r.targets, r.rows);
+void CudaBackend::grads(const GradRequest& r) {
+  const OnDevice on(r.stats.device());
   const bool grad_is_double = r.grad_total.scalar_type() == at::kDouble;
-  for (const BatchPlan& plan : plans) {
-    if (plan.num_chunks == 0) continue;
-    dispatch_float_types(plan.dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const auto launch = [&](auto kernel) {
-        kernel<<<static_cast<unsigned>(plan.num_chunks), kBlockThreads, 0, stream>>>(
-            plan.batch, r.stats.const_data_ptr<double>(), r.grad_total.const_data_ptr(),
-            grad_is_double, r.l1, r.l2, r.l2_squared);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (r.accumulate) launch(grad_kernel<T, true>); else launch(grad_kernel<T, false>);
-    });
-  }
+  for_each_batch(plan_batches(r.dense, r.targets, r.rows), [&](auto tag, const BatchPlan& plan) {
+    using T = typename decltype(tag)::type;
+    launch(r.accumulate ? grad_kernel<T, true> : grad_kernel<T, false>, plan.num_chunks,
+           kBlockThreads, on.stream, plan.batch, r.stats.const_data_ptr<double>(),
+           r.grad_total.const_data_ptr(), grad_is_double, r.l1, r.l2, r.l2_squared);
+  });
 }
 
-}  // namespace regext::cuda
+}  // namespace regext

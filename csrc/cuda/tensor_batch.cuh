@@ -5,7 +5,8 @@
 // and a chunk prefix), so a launch needs no host-to-device copy and can be
 // captured in a CUDA graph. The grid has one block per chunk: block b works
 // on chunk b - chunk_prefix[j] of the tensor j with
-// chunk_prefix[j] <= b < chunk_prefix[j + 1].
+// chunk_prefix[j] <= b < chunk_prefix[j + 1] (kChunkElems elements per chunk, as on
+// the CPU).
 //
 // Lessons from earlier multi-tensor code, built in here:
 // - sizes and offsets are int64 (tensors beyond 2^31 elements work);
@@ -24,10 +25,10 @@
 #include <limits>
 #include <vector>
 
+#include "../chunking.h"
+
 namespace regext::cuda {
 
-// Elements per chunk (one block each): 32Ki, as on the CPU.
-constexpr int64_t kChunkElems = int64_t{1} << 15;
 constexpr int kMaxTensorsPerLaunch = 1000;
 
 struct TensorBatch {
@@ -53,9 +54,9 @@ struct BatchPlan {
 // Groups tensors by dtype (first-seen order), then cuts each group into
 // batches of at most kMaxTensorsPerLaunch tensors and INT32_MAX chunks.
 // `outputs`, when non-empty, must be parallel to `inputs`.
-inline std::vector<BatchPlan> plan_batches(const std::vector<at::Tensor>& inputs,
-                                           const std::vector<at::Tensor>& outputs,
-                                           const std::vector<int64_t>& rows) {
+inline std::vector<BatchPlan> plan_batches(at::ArrayRef<at::Tensor> inputs,
+                                           at::ArrayRef<at::Tensor> outputs,
+                                           at::ArrayRef<int64_t> rows) {
   std::vector<c10::ScalarType> dtypes;
   for (const auto& t : inputs) {
     bool seen = false;
@@ -108,7 +109,6 @@ inline int64_t total_chunks(const std::vector<BatchPlan>& plans) {
   return n;
 }
 
-#ifdef __CUDACC__
 // The tensor that owns chunk `chunk` of this launch: the largest j with
 // chunk_prefix[j] <= chunk. Zero-chunk tensors share their prefix with the
 // next tensor and are never chosen. Same answer in every thread: broadcast
@@ -136,6 +136,5 @@ __device__ __forceinline__ ChunkSpan chunk_of_block(const TensorBatch& batch) {
   const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;
   return {j, begin, static_cast<int>(min(kChunkElems, batch.numel[j] - begin))};
 }
-#endif
 
 }  // namespace regext::cuda

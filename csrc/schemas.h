@@ -1,0 +1,50 @@
+// The schemas of every regext operator: the one place they are declared.
+//
+// Adding an operator touches, in order:
+//   1. define_operators below (mark every argument it writes `(a!)`);
+//   2. regext/_meta.py: its fake kernel;
+//   3. csrc/penalty_ops.h or csrc/prox_ops.h: the operator, templated on a backend,
+//      and its line in csrc/register_operators.h;
+//   4. csrc/backend.h and both backends (csrc/cpu, csrc/cuda), each tested under
+//      the CUDA emulator (tests/cuda_emu) before it is tested anywhere else;
+//   5. csrc/inplace_autograd.cpp kInplaceOps, if it writes an argument
+//      (tests/test_op_registry.py checks the list against the `(a!)` schemas);
+//   6. tests/op_samples.py: one entry, which opcheck, meta, compile, thread and
+//      emulated-CUDA tests iterate;
+//   7. the Python wrapper and its docstring (the semantics live there).
+#pragma once
+
+#include <torch/library.h>
+
+namespace regext {
+
+inline void define_operators(torch::Library& m) {
+  // l1 * sum ||p||_1 + l2 * sum ||p||_2 (or ||p||_2^2) in one read: the 0-dim total
+  // (float64 if any parameter is float64, else float32) and float64 stats
+  // [len(params), 2] = (sum |x|, sum x^2) per tensor (regext.fused_penalty).
+  m.def(
+      "penalty_forward(Tensor[] params, float l1, float l2, bool l2_squared)"
+      " -> (Tensor total, Tensor stats)");
+  // grad_total * d(penalty)/d(params[t]) from the stats, one pass; params[t] uses
+  // stats row stats_rows[t] (default t). Gradients have their parameter's dtype and layout.
+  m.def(
+      "penalty_backward(Tensor grad_total, Tensor[] params, Tensor stats, float l1,"
+      " float l2, bool l2_squared, int[]? stats_rows=None) -> Tensor[]");
+  // grads[t] += d(penalty)/d(params[t]) in list order (regext.add_penalty_grad_).
+  m.def(
+      "penalty_grad_accumulate_(Tensor(a!)[] grads, Tensor[] params, Tensor stats,"
+      " float l1, float l2, bool l2_squared, int[]? stats_rows=None) -> ()");
+  // penalty_forward, then penalty_grad_accumulate_ with its stats; one read of each
+  // parameter in the squared form where the backend can (not differentiable).
+  m.def(
+      "penalty_forward_accumulate_(Tensor(a!)[] grads, Tensor[] params, float l1, float l2,"
+      " bool l2_squared) -> (Tensor total, Tensor stats)");
+  // Soft-thresholding in place, in list order (regext.prox_l1_).
+  m.def("prox_l1_(Tensor(a!)[] params, float threshold) -> ()");
+  // Per-tensor group shrinkage in place, in list order (regext.prox_group_l2_).
+  m.def("prox_group_l2_(Tensor(a!)[] params, float threshold) -> ()");
+  // int64 [len(params)]: elements equal to +0 or -0 per tensor (regext.sparsity_report).
+  m.def("count_zeros(Tensor[] params) -> Tensor");
+}
+
+}  // namespace regext

@@ -8,6 +8,10 @@ from hypothesis import HealthCheck, settings
 
 import regext
 
+# tests/cuda_emu runs the CUDA kernels under the CPU emulator; .ci/cuda_emu builds
+# it and sets REGEXT_CUEMU_LIB (bash .ci/cuda_emu runs the whole harness).
+collect_ignore = [] if os.environ.get("REGEXT_CUEMU_LIB") else ["cuda_emu"]
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and regext.cuda_available() else [])
 
 

@@ -1,0 +1,3 @@
+// cuemu stand-in for the CUDA runtime header: the emulator itself.
+#pragma once
+#include "../cuemu.h"

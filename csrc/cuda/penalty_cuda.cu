@@ -3,7 +3,8 @@
 // Forward, per (dtype, batch of <= 1000 tensors):
 //   1. partial_sums_kernel: one block per 32Ki-element chunk of any tensor,
 //      reads it once (16-byte loads when aligned) and writes the chunk's
-//      (sum |x|, sum x^2) to its own slot. No atomics.
+//      (sum |x|, sum x^2) to its own slot (float32 runs, float64 across runs:
+//      ThreadSums). No atomics.
 //   2. combine_kernel: one block; warp w adds the slots of tensors w, w+16, ...
 //      in a fixed order into stats[row]. With a single batch the same block
 //      then computes the weighted total (no third launch).
@@ -29,15 +30,6 @@ namespace regext {
 namespace cuda {
 namespace {
 
-// float32, bfloat16 and float64 accumulate in float64 (exactly as on the CPU:
-// no overflow of x^2 for elements up to 3.4e38, no underflow for subnormal
-// ones); float16 in float32, which can neither overflow (65504^2 * 32Ki
-// elements < 3.4e38) nor underflow (the smallest float16, 6e-8, squared is a
-// normal float32). bfloat16 has float32's exponent range: x^2 of 1e20 or of
-// 1e-30 leaves float32's range.
-template <typename T> struct AccType { using type = double; };
-template <> struct AccType<c10::Half> { using type = float; };
-
 template <typename T>
 struct alignas(16) Vec16 {
   static constexpr int kSize = 16 / sizeof(T);
@@ -48,37 +40,72 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-template <typename T, typename Acc>
-__device__ __forceinline__ void accumulate(T value, Acc& abs_sum, Acc& sq_sum) {
-  const Acc x = static_cast<Acc>(static_cast<float>(value));
-  abs_sum += fabs(x);
-  sq_sum += x * x;
-}
-template <>
-__device__ __forceinline__ void accumulate<double, double>(double x, double& abs_sum,
-                                                           double& sq_sum) {
-  abs_sum += fabs(x);
-  sq_sum += x * x;
-}
+// How a thread sums |x| and x^2. Where the result is float64 (float64 data, or
+// any float64 tensor in the list, as on the CPU) every element is widened to
+// float64. Otherwise short runs (four 16-byte loads: 16 float32 or 32 half
+// elements) are summed in float32, each load's elements in order and the four
+// loads pairwise (at most 8 roundings in a row, ~5e-7 relative at worst), and
+// the runs are added in float64: one float64 add per run instead of three per
+// element, which keeps GPUs whose FP64 rate is 1/32-1/64 of FP32 at memory
+// speed. A run whose float32 squares overflow, or lose bits to underflow (sum
+// of squares below n * 1e-37 with a nonzero |x|), or that holds NaN/inf, is
+// summed again in float64 from the registers: the CPU kernels' rule.
+struct ThreadSums {
+  double abs = 0.0;
+  double sq = 0.0;
 
-template <typename T, typename Acc>
-__device__ __forceinline__ void accumulate_vec(const Vec16<T>& vec, Acc& abs_sum, Acc& sq_sum) {
+  template <typename T>
+  __device__ __forceinline__ void add_exact(T value) {
+    const double v = static_cast<double>(value);
+    abs += fabs(v);
+    sq += v * v;
+  }
+  template <typename T>
+  __device__ __forceinline__ void add_exact(const Vec16<T>& vec) {
 #pragma unroll
-  for (int k = 0; k < Vec16<T>::kSize; ++k) accumulate<T, Acc>(vec.v[k], abs_sum, sq_sum);
-}
+    for (int k = 0; k < Vec16<T>::kSize; ++k) add_exact(vec.v[k]);
+  }
+};
+
+// (sum |x|, sum x^2) of some elements in float32.
+struct FloatSums {
+  float abs;
+  float sq;
+  // Whether these sums of n elements may be used as they are (no NaN/inf, by
+  // comparisons: NaN fails both; no underflow loss that matters).
+  __device__ __forceinline__ bool trusted(int n) const {
+    constexpr float kMax = 3.4028234663852886e38f;
+    return abs <= kMax && sq <= kMax && (sq >= static_cast<float>(n) * 1e-37f || abs == 0.f);
+  }
+  __device__ __forceinline__ FloatSums operator+(const FloatSums& o) const {
+    return {abs + o.abs, sq + o.sq};
+  }
+};
 
 template <typename T>
+__device__ __forceinline__ FloatSums float_sums(const Vec16<T>& vec) {
+  FloatSums s{0.f, 0.f};
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::kSize; ++k) {
+    const float v = static_cast<float>(vec.v[k]);
+    s.abs += fabsf(v);
+    s.sq += v * v;
+  }
+  return s;
+}
+
+template <typename T, bool kExact>
 __global__ void __launch_bounds__(kBlockThreads)
     partial_sums_kernel(const __grid_constant__ TensorBatch batch, SumPair* __restrict__ partials) {
-  using Acc = typename AccType<T>::type;
+  constexpr bool kFloatRuns = !kExact && !std::is_same_v<T, double>;
+  constexpr int V = Vec16<T>::kSize;
   const ChunkSpan span = chunk_of_block(batch);
   const int n = span.length;
   const T* __restrict__ x = static_cast<const T*>(batch.inputs[span.tensor]) + span.begin;
 
-  Acc abs_sum = 0, sq_sum = 0;
+  ThreadSums sums;
   int tail_start = 0;
   if (aligned16(x)) {
-    constexpr int V = Vec16<T>::kSize;
     const int num_vecs = n / V;
     const Vec16<T>* xv = reinterpret_cast<const Vec16<T>*>(x);
     const int stride = blockDim.x;
@@ -87,19 +114,35 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (; i + 3 * stride < num_vecs; i += 4 * stride) {
       const Vec16<T> a = xv[i], b = xv[i + stride], c = xv[i + 2 * stride],
                      d = xv[i + 3 * stride];
-      accumulate_vec(a, abs_sum, sq_sum);
-      accumulate_vec(b, abs_sum, sq_sum);
-      accumulate_vec(c, abs_sum, sq_sum);
-      accumulate_vec(d, abs_sum, sq_sum);
+      if constexpr (kFloatRuns) {
+        const FloatSums run = (float_sums(a) + float_sums(b)) + (float_sums(c) + float_sums(d));
+        if (run.trusted(4 * V)) {
+          sums.abs += run.abs;
+          sums.sq += run.sq;
+          continue;
+        }
+      }
+      sums.add_exact(a);
+      sums.add_exact(b);
+      sums.add_exact(c);
+      sums.add_exact(d);
     }
-    for (; i < num_vecs; i += stride) accumulate_vec(xv[i], abs_sum, sq_sum);
+    for (; i < num_vecs; i += stride) {
+      const Vec16<T> a = xv[i];
+      if constexpr (kFloatRuns) {
+        const FloatSums run = float_sums(a);
+        if (run.trusted(V)) {
+          sums.abs += run.abs;
+          sums.sq += run.sq;
+          continue;
+        }
+      }
+      sums.add_exact(a);
+    }
     tail_start = num_vecs * V;
   }
-  for (int i = tail_start + threadIdx.x; i < n; i += blockDim.x) {
-    accumulate<T, Acc>(x[i], abs_sum, sq_sum);
-  }
-  const SumPair total = block_sum(SumPair{static_cast<double>(abs_sum),
-                                          static_cast<double>(sq_sum)});
+  for (int i = tail_start + threadIdx.x; i < n; i += blockDim.x) sums.add_exact(x[i]);
+  const SumPair total = block_sum(SumPair{sums.abs, sums.sq});
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
@@ -255,6 +298,7 @@ void CudaBackend::stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tens
   const OnDevice on(stats.device());
   const std::vector<BatchPlan> plans = plan_batches(dense, {}, identity_rows(dense.size()));
   const int64_t num_rows = static_cast<int64_t>(dense.size());
+  // A float64 result: every tensor summed in float64 (see ThreadSums).
   const bool total_is_double = total.scalar_type() == at::kDouble;
 
   // One slot per chunk, every slot written by exactly one block.
@@ -263,8 +307,8 @@ void CudaBackend::stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tens
   auto* partial_slots = reinterpret_cast<SumPair*>(partials.data_ptr<double>());
   for_each_batch(plans, [&](auto tag, const BatchPlan& plan) {
     using T = typename decltype(tag)::type;
-    launch(partial_sums_kernel<T>, plan.num_chunks, kBlockThreads, on.stream, plan.batch,
-           partial_slots + plan.chunk_base);
+    launch(total_is_double ? partial_sums_kernel<T, true> : partial_sums_kernel<T, false>,
+           plan.num_chunks, kBlockThreads, on.stream, plan.batch, partial_slots + plan.chunk_base);
   });
   const bool single_batch = plans.size() == 1;
   for (const BatchPlan& plan : plans) {

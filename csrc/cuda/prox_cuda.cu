@@ -54,9 +54,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     zero_count_kernel(const __grid_constant__ TensorBatch batch, int64_t* __restrict__ partials) {
   const ChunkSpan span = chunk_of_block(batch);
   const T* __restrict__ x = static_cast<const T*>(batch.inputs[span.tensor]) + span.begin;
+  using C = typename ElementwiseCompute<T>::type;  // exact for every dtype
   int64_t count = 0;
   for (int i = threadIdx.x; i < span.length; i += blockDim.x) {
-    count += is_exact_zero(static_cast<float>(x[i])) ? 1 : 0;
+    count += is_exact_zero(static_cast<C>(x[i])) ? 1 : 0;
   }
   count = block_sum(count);
   if (threadIdx.x == 0) partials[blockIdx.x] = count;

@@ -10,23 +10,25 @@ import torch
 
 # Load the compiled operator library first: it defines torch.ops.regext.*,
 # which the fake kernels below attach to.
-from regext import _C  # noqa: F401
+from regext import _C
 from regext import _meta  # noqa: F401
-from regext import _fallback  # noqa: F401  (torch-op kernels where no CUDA kernel is compiled)
-from regext.penalty import fused_penalty
-from regext.inplace import (SparsityReport, TensorSparsity, add_penalty_grad_, prox_group_l2_,
-                            prox_l1_, sparsity, sparsity_report)
-from regext.selection import Penalty, PenaltyGroup
 from regext import reference
+from regext.grad import add_penalty_grad_
+from regext.penalty import fused_penalty
+from regext.prox import prox_group_l2_, prox_l1_, prox_l2_squared_
+from regext.selection import Penalty, PenaltyGroup
+from regext.sparsity import SparsityReport, TensorSparsity, sparsity, sparsity_report
 
 __version__ = "0.1.0"
 
 
 def cuda_available() -> bool:
-    """True when the CUDA kernels were compiled into this build."""
+    """True when the CUDA kernels were compiled into this build (setup.py says why not).
+
+    Without them every regext operator raises one RuntimeError for CUDA tensors."""
     return bool(_C.with_cuda)
 
 
 __all__ = ["fused_penalty", "add_penalty_grad_", "Penalty", "PenaltyGroup", "prox_l1_",
-           "prox_group_l2_", "sparsity", "sparsity_report", "SparsityReport",
+           "prox_group_l2_", "prox_l2_squared_", "sparsity", "sparsity_report", "SparsityReport",
            "TensorSparsity", "reference", "cuda_available", "__version__"]

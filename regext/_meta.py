@@ -7,7 +7,8 @@ regext operators, and make parameters on the meta device give meta results.
 import torch
 
 
-def _result_dtype(params):
+def result_dtype(params):
+    """The penalty's dtype: float64 if any parameter is float64, else float32."""
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
@@ -19,7 +20,7 @@ def _device_of(params):
 @torch.library.register_fake("regext::penalty_forward")
 def _penalty_forward_fake(params, l1, l2, l2_squared):
     device = _device_of(params)
-    total = torch.empty((), dtype=_result_dtype(params), device=device)
+    total = torch.empty((), dtype=result_dtype(params), device=device)
     stats = torch.empty((len(params), 2), dtype=torch.float64, device=device)
     return total, stats
 

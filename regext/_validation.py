@@ -10,6 +10,8 @@ import numbers
 
 import torch
 
+from regext._dtensor import has_dtensor
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -87,10 +89,42 @@ def _check_meta_not_mixed(func, arg, items):
     mixed = next((i for i, p in enumerate(items) if p.is_meta != items[0].is_meta), None)
     if mixed is None:
         return
-    from regext.distributed import has_dtensor  # lazy: it imports this module
     if has_dtensor(items):
         return
     p = items[mixed]
     raise TypeError(f"{func}: {arg}[{mixed}] is on {p.device} (dtype {p.dtype}) but "
                     f"{arg}[0] is on {items[0].device}; meta tensors have no data and cannot "
                     f"be mixed with real ones")
+
+
+def indices_by_device(params):
+    """Positions of the tensors on each device, in order of first appearance."""
+    if not params:
+        return []
+    first = params[0].device
+    if all(p.device == first for p in params):
+        return [range(len(params))]
+    groups = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.device, []).append(i)
+    return list(groups.values())
+
+
+def check_no_self_overlap(func, what, t):
+    """An in-place update needs each element to own its memory (no stride-0 dims)."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(f"{func}: {what} has overlapping memory (an expanded tensor, shape "
+                         f"{tuple(t.shape)}, stride {t.stride()}); it cannot be updated in place")
+
+
+def _check_writable(func, params):
+    for i, p in enumerate(params):
+        if not p.is_contiguous():
+            _check_no_self_overlap(func, f"params[{i}]", p)
+
+
+def check_writable(func, params):
+    """Every tensor can be updated in place: none has overlapping memory."""
+    for i, p in enumerate(params):
+        if not p.is_contiguous():
+            check_no_self_overlap(func, f"params[{i}]", p)

@@ -48,9 +48,12 @@ Nothing here synchronizes the host with a GPU: the plan is built from metadata, 
 rows never leave the device, and the collective is the only communication.
 """
 
-import sys
-
 import torch
+
+from regext._dtensor import dtensor_type, has_dtensor, local_of
+from regext._grad import backward_grads
+from regext._meta import result_dtype
+from regext.reference import group_shrink_scale_reference
 
 __all__ = [
     "has_dtensor",
@@ -58,26 +61,17 @@ __all__ = [
     "total_from_stats",
     "fused_penalty_dtensor",
     "add_penalty_grad_dtensor_",
+    "prox_l1_dtensor_",
+    "prox_group_l2_dtensor_",
+    "scale_dtensor_",
+    "zero_counts_dtensor",
+    "make_plan",
+    "reduce_rows",
+    "unpermute_rows",
 ]
 
 
-def _dtensor_type():
-    """DTensor's class if torch.distributed.tensor was imported, else None.
-
-    No DTensor can exist before its module is imported, so this costs nothing
-    (and imports nothing) for users who never touch torch.distributed.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
-def has_dtensor(params) -> bool:
-    """True if any element of the (materialized) list is a DTensor."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
-
-
-class _Plan:
+class Plan:
     """How the stats rows of a parameter list are computed and combined.
 
     ``order`` permutes the parameters so that the rows summed across ranks come
@@ -121,8 +115,9 @@ def _world_spanning(mesh) -> bool:
     return mesh.mesh.numel() == dist.get_world_size()
 
 
-def _make_plan(func, params) -> _Plan:
-    dtensor = _dtensor_type()
+def _locals_and_layouts(func, params):
+    """Each parameter's local tensor and layout, and which are sharded."""
+    dtensor = dtensor_type()
     local, layouts, kept = [], [], []
     sharded = []  # (position, mesh, coordinate, shard dims)
     for i, p in enumerate(params):
@@ -145,12 +140,48 @@ def _make_plan(func, params) -> _Plan:
             local.append(p)
             layouts.append(None)
             kept.append(i)
-
     devices = {t.device for t in local}
     if len(devices) > 1:
         raise ValueError(f"{func}: with DTensor parameters every local tensor must be on "
                          f"one device, got {sorted(str(d) for d in devices)}")
+    return local, layouts, sharded, kept
 
+
+def _world_reduction(func, sharded, meshes):
+    """Sharded rows summed over the world group: (order of the reduced rows, the row
+    ranges this rank sends as zeros). Each distinct piece is counted once: along a
+    mesh dimension where a parameter is replicated, only the rank at coordinate 0
+    sends its row. Rows are grouped by (mesh, replicated dims), the same on every
+    rank; each group is sent whole or zeroed whole."""
+    bad = [m for m in meshes if not _world_spanning(m)]
+    if bad:
+        raise NotImplementedError(
+            f"{func}: parameters sharded over several mesh dimensions or on "
+            f"different meshes are combined over the default process group, "
+            f"which needs every mesh to span all of its ranks; mesh {bad[0]} does "
+            f"not. Call the penalty separately for each mesh's parameters (and "
+            f"add the results)")
+
+    def key(entry):
+        _, mesh, coordinate, dims = entry
+        mesh_index = next(k for k, m in enumerate(meshes) if m == mesh)
+        return mesh_index, tuple(d for d in range(len(coordinate)) if d not in dims)
+
+    keyed = sorted(((key(e), e) for e in sharded), key=lambda ke: ke[0])  # stable
+    zero_ranges, start = [], 0
+    for end in range(1, len(keyed) + 1):
+        if end < len(keyed) and keyed[end][0] == keyed[start][0]:
+            continue
+        (_, replicated), (_, _, coordinate, _) = keyed[start]
+        if any(coordinate[d] != 0 for d in replicated):
+            zero_ranges.append((start, end))
+        start = end
+    return [e[0] for _, e in keyed], zero_ranges
+
+
+def make_plan(func, params) -> Plan:
+    """The Plan of a list of tensors and DTensors (see Plan); no communication."""
+    local, layouts, sharded, kept = _locals_and_layouts(func, params)
     group, reduced, zero_ranges = None, [], []
     if sharded:
         meshes = []
@@ -165,43 +196,15 @@ def _make_plan(func, params) -> _Plan:
             group = meshes[0].get_group(next(iter(all_dims)))
             reduced = [i for i, _, _, _ in sharded]
         else:
-            bad = [m for m in meshes if not _world_spanning(m)]
-            if bad:
-                raise NotImplementedError(
-                    f"{func}: parameters sharded over several mesh dimensions or on "
-                    f"different meshes are combined over the default process group, "
-                    f"which needs every mesh to span all of its ranks; mesh {bad[0]} does "
-                    f"not. Call the penalty separately for each mesh's parameters (and "
-                    f"add the results)")
             import torch.distributed as dist
             group = dist.group.WORLD
-
-            # Count each distinct piece once: along a mesh dimension where a
-            # parameter is replicated, only the rank at coordinate 0 sends its row.
-            # Rows are grouped by (mesh, replicated dims), which is the same on
-            # every rank; each group is sent whole or zeroed whole.
-            def key(entry):
-                _, mesh, coordinate, dims = entry
-                mesh_index = next(k for k, m in enumerate(meshes) if m == mesh)
-                return mesh_index, tuple(d for d in range(len(coordinate)) if d not in dims)
-
-            keyed = sorted(((key(e), e) for e in sharded), key=lambda ke: ke[0])  # stable
-            start = 0
-            for end in range(1, len(keyed) + 1):
-                if end < len(keyed) and keyed[end][0] == keyed[start][0]:
-                    continue
-                (_, replicated), (_, _, coordinate, _) = keyed[start]
-                if any(coordinate[d] != 0 for d in replicated):
-                    zero_ranges.append((start, end))
-                start = end
-            reduced = [e[0] for _, e in keyed]
-
+            reduced, zero_ranges = _world_reduction(func, sharded, meshes)
     order = reduced + kept
-    return _Plan(local=[local[i] for i in order], order=order, num_reduced=len(reduced),
-                 zero_ranges=zero_ranges, group=group, layouts=layouts)
+    return Plan(local=[local[i] for i in order], order=order, num_reduced=len(reduced),
+                zero_ranges=zero_ranges, group=group, layouts=layouts)
 
 
-def _reduce_rows(plan: _Plan, stats: torch.Tensor) -> torch.Tensor:
+def reduce_rows(plan: Plan, stats: torch.Tensor) -> torch.Tensor:
     """Sums the rows of sharded tensors across ranks, in place: one all_reduce."""
     if plan.num_reduced == 0:
         return stats
@@ -213,14 +216,10 @@ def _reduce_rows(plan: _Plan, stats: torch.Tensor) -> torch.Tensor:
     return stats
 
 
-def _plan_stats(plan: _Plan, l1: float, l2: float, l2_squared: bool) -> torch.Tensor:
+def _plan_stats(plan: Plan, l1: float, l2: float, l2_squared: bool) -> torch.Tensor:
     """Global stats rows in plan order (float64 [n, 2] on the local device)."""
     _, stats = torch.ops.regext.penalty_forward(plan.local, l1, l2, l2_squared)
-    return _reduce_rows(plan, stats)
-
-
-def _result_dtype(params):
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return reduce_rows(plan, stats)
 
 
 def total_from_stats(stats, l1, l2, l2_squared=False, dtype=torch.float32):
@@ -247,9 +246,9 @@ def global_stats(params, *, func="regext"):
     params = list(params)
     if not params:
         return [], torch.zeros((0, 2), dtype=torch.float64)
-    plan = _make_plan(func, params)
+    plan = make_plan(func, params)
     stats = _plan_stats(plan, 0.0, 0.0, False)
-    return _unpermute_local(plan), _unpermute_rows(plan, stats)
+    return _unpermute_local(plan), unpermute_rows(plan, stats)
 
 
 def _unpermute_local(plan):
@@ -259,14 +258,14 @@ def _unpermute_local(plan):
     return out
 
 
-def _unpermute_rows(plan, stats):
+def unpermute_rows(plan, stats):
     inverse = [0] * len(plan.order)
     for j, i in enumerate(plan.order):
         inverse[i] = j
-    return _select_rows(stats, inverse)
+    return select_rows(stats, inverse)
 
 
-def _select_rows(stats, rows):
+def select_rows(stats, rows):
     """stats[rows] from slices of consecutive rows: no index tensor to copy to the
     device (a host-to-device copy would synchronize a GPU), one cat at most."""
     if rows == list(range(stats.shape[0])):
@@ -277,11 +276,6 @@ def _select_rows(stats, rows):
             runs.append(stats[rows[start]:rows[k - 1] + 1])
             start = k
     return runs[0] if len(runs) == 1 else torch.cat(runs)
-
-
-def _local_of(p):
-    dtensor = _dtensor_type()
-    return p.to_local() if dtensor is not None and isinstance(p, dtensor) else p
 
 
 def _as_grad(local_grad, layout):
@@ -308,7 +302,7 @@ class _ShardedPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, l1, l2, l2_squared, *params):
         stats = _plan_stats(plan, l1, l2, l2_squared)
-        total = total_from_stats(stats, l1, l2, l2_squared, _result_dtype(params))
+        total = total_from_stats(stats, l1, l2, l2_squared, result_dtype(params))
         plan.local = None  # not kept alive by the graph; backward re-reads the params
         ctx.plan = plan
         ctx.coefficients = (l1, l2, l2_squared)
@@ -319,39 +313,32 @@ class _ShardedPenalty(torch.autograd.Function):
     def backward(ctx, grad_total):
         stats, *params = ctx.saved_tensors
         plan = ctx.plan
-        l1, l2, l2_squared = ctx.coefficients
         needed = ctx.needs_input_grad[4:]
         grads = [None] * len(params)
+        rows = [j for j, i in enumerate(plan.order) if needed[i]]
         if torch.is_grad_enabled():
             # create_graph=True: differentiable torch ops (DTensor ops for DTensors,
             # which reduce per tensor) so that second derivatives are exact.
-            from regext.penalty import _differentiable_grad
-            for i, need in enumerate(needed):
-                if need:
-                    g = _differentiable_grad(grad_total, params[i], l1, l2, l2_squared)
-                    layout = plan.layouts[i]
-                    if layout is not None and tuple(g.placements) != layout[1]:
-                        # DTensor's sharding propagation may pick another layout.
-                        g = g.redistribute(layout[0], layout[1])
-                    grads[i] = g
-            return (None, None, None, None, *grads)
-        rows = [j for j, i in enumerate(plan.order) if needed[i]]
-        if rows:
-            sub_stats = _select_rows(stats, rows)
+            subset = backward_grads(grad_total, [params[plan.order[j]] for j in rows], None,
+                                    None, *ctx.coefficients)
+        else:
             # The local tensors again from the saved parameters (not kept from the
             # forward), so autograd's saved-tensor checks cover them.
-            local = [_local_of(params[plan.order[j]]) for j in rows]
-            local_grads = torch.ops.regext.penalty_backward(grad_total, local, sub_stats, l1,
-                                                            l2, l2_squared)
-            for j, g in zip(rows, local_grads):
-                i = plan.order[j]
-                grads[i] = _as_grad(g, plan.layouts[i])
+            subset = backward_grads(grad_total, [local_of(params[plan.order[j]]) for j in rows],
+                                    select_rows(stats, rows), None, *ctx.coefficients)
+        for j, g in zip(rows, subset):
+            i = plan.order[j]
+            layout = plan.layouts[i]
+            if torch.is_grad_enabled() and layout is not None and tuple(g.placements) != layout[1]:
+                # DTensor's sharding propagation may pick another layout.
+                g = g.redistribute(layout[0], layout[1])
+            grads[i] = g if torch.is_grad_enabled() else _as_grad(g, layout)
         return (None, None, None, None, *grads)
 
 
 def fused_penalty_dtensor(params, l1, l2, l2_squared):
     """fused_penalty for a checked, non-empty list containing DTensors."""
-    plan = _make_plan("fused_penalty", params)
+    plan = make_plan("fused_penalty", params)
     return _ShardedPenalty.apply(plan, l1, l2, l2_squared, *params)
 
 
@@ -369,9 +356,9 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
     params = list(params)
     if not params:
         return torch.zeros(())
-    plan = _make_plan(func, params)
+    plan = make_plan(func, params)
     rows = [j for j, i in enumerate(plan.order) if params[i].requires_grad]
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     for j in rows:  # every check before anything is sent or written
         i = plan.order[j]
         grad, layout = params[i].grad, plan.layouts[i]
@@ -389,7 +376,7 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
                              f"parameter's placements {layout[1]} on {layout[0]}, got {got}")
     with torch.no_grad():
         stats = _plan_stats(plan, l1, l2, l2_squared)
-        total = total_from_stats(stats, l1, l2, l2_squared, _result_dtype(params))
+        total = total_from_stats(stats, l1, l2, l2_squared, result_dtype(params))
         if not rows:
             return total
         local_grads = []
@@ -400,6 +387,67 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
                 p.grad = _as_grad(torch.zeros_like(plan.local[j]), layout)
             local_grads.append(p.grad.to_local() if layout is not None else p.grad)
         torch.ops.regext.penalty_grad_accumulate_(
-            local_grads, [plan.local[j] for j in rows], _select_rows(stats, rows), l1, l2,
+            local_grads, [plan.local[j] for j in rows], select_rows(stats, rows), l1, l2,
             l2_squared)
     return total
+
+
+def prox_l1_dtensor_(params, threshold):
+    """prox_l1_ for a checked list holding DTensors. Elementwise: every rank thresholds
+    its own shard (and its replicated copies, identically) where it lies. No
+    communication."""
+    local = [local_of(p) for p in params]
+    for device_list in _by_device(local):
+        torch.ops.regext.prox_l1_(device_list, threshold)
+
+
+def _by_device(tensors):
+    groups = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return list(groups.values())
+
+
+def _distinct_runs(params):
+    """[start, end) runs of the list in which no tensor object repeats."""
+    runs, start, seen = [], 0, set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            runs.append((start, i))
+            start, seen = i, set()
+        seen.add(id(p))
+    if params:
+        runs.append((start, len(params)))
+    return runs
+
+
+def prox_group_l2_dtensor_(params, threshold, *, func="prox_group_l2_"):
+    """prox_group_l2_ for a checked list holding DTensors: the norms are those of the
+    whole tensors (global_stats: one all_reduce if any is sharded), the scaling is
+    applied to each rank's local shard. List order as in the operator: a tensor
+    listed again starts a new run, which sees the first shrinkage."""
+    for start, end in _distinct_runs(params):
+        local, stats = global_stats(params[start:end], func=func)
+        scales = group_shrink_scale_reference(stats[:, 1], threshold)
+        for x, scale in zip(local, scales):
+            if x.numel():
+                product = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) \
+                    else torch.float64
+                x.copy_(x.to(product) * scale.to(product))
+
+
+def scale_dtensor_(params, factor):
+    """x <- x * factor on every rank's local tensors (elementwise: no communication)."""
+    torch._foreach_mul_([local_of(p) for p in params], factor)
+
+
+def zero_counts_dtensor(tensors, *, func="sparsity"):
+    """Exact zeros per tensor (ints) over whole DTensors: counted on the local shards,
+    then added across ranks with the penalty's plan (one all_reduce; replicated
+    copies counted once)."""
+    plan = make_plan(func, tensors)
+    local_counts = torch.ops.regext.count_zeros(plan.local)
+    rows = torch.zeros((len(tensors), 2), dtype=torch.float64, device=local_counts.device)
+    rows[:, 0] = local_counts  # exact in float64 below 2**53
+    rows = unpermute_rows(plan, reduce_rows(plan, rows))
+    return [int(c) for c in rows[:, 0].tolist()]

@@ -1,9 +1,11 @@
-"""fused_penalty: the public, differentiable entry point."""
+"""fused_penalty: the public, differentiable entry point, and its autograd Function."""
 
 import torch
 
+from regext import distributed
+from regext._dtensor import has_dtensor
+from regext._grad import backward_grads
 from regext._validation import check_coefficient, materialize_params_and_device
-from regext.distributed import fused_penalty_dtensor, has_dtensor
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -12,7 +14,10 @@ class _FusedPenalty(torch.autograd.Function):
     forward: one torch.ops.regext.penalty_forward call reads every tensor once
     and keeps per-tensor sums (`stats`, O(#tensors) floats) for the backward.
     backward: one penalty_backward call writes every needed gradient from
-    `stats`, with no reduction and no host synchronization.
+    `stats` (regext._grad), with no reduction and no host synchronization.
+    A torch.autograd.Function rather than torch.library.register_autograd: the
+    DTensor path (regext.distributed) must all_reduce `stats` between the
+    operator and the total, which an operator's own autograd formula cannot.
     """
 
     @staticmethod
@@ -25,39 +30,19 @@ class _FusedPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         stats, *params = ctx.saved_tensors
-        l1, l2, l2_squared = ctx.coefficients
-        needed = ctx.needs_input_grad[3:]
+        # Frozen parameters cost nothing: only the needed ones, each told its stats row.
+        rows = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         grads = [None] * len(params)
-        if torch.is_grad_enabled():
-            # create_graph=True: build the gradient from differentiable torch ops so a
-            # second derivative (e.g. a gradient penalty on top) is exact, not dropped.
-            for i, need in enumerate(needed):
-                if need:
-                    grads[i] = _differentiable_grad(grad_total, params[i], l1, l2, l2_squared)
-        else:
-            # Frozen parameters cost nothing: only the needed ones go to the kernel,
-            # each told its stats row (host metadata, no device gather).
-            rows = [i for i, need in enumerate(needed) if need]
-            if rows:
-                sub = torch.ops.regext.penalty_backward(
-                    grad_total, [params[i] for i in rows], stats, l1, l2, l2_squared,
-                    None if len(rows) == len(params) else rows)
-                for i, g in zip(rows, sub):
-                    grads[i] = g
+        subset = backward_grads(grad_total, [params[i] for i in rows], stats,
+                                None if len(rows) == len(params) else rows, *ctx.coefficients)
+        for i, g in zip(rows, subset):
+            grads[i] = g
         return (None, None, None, *grads)
 
 
-def _differentiable_grad(grad_total, p, l1, l2, l2_squared):
-    """d(penalty)/dp * grad_total as a differentiable expression (double backward)."""
-    x = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-    if l2_squared:
-        linear = 2.0 * x
-    else:
-        norm = torch.linalg.vector_norm(x)
-        # x / ||x||, and 0 for an all-zero tensor; the guarded denominator keeps
-        # the second derivative free of 0/0 there. A NaN norm stays NaN.
-        linear = x / torch.where(norm == 0, torch.ones_like(norm), norm)
-    return (grad_total.to(x.dtype) * (l1 * torch.sign(x) + l2 * linear)).to(p.dtype)
+def penalty_on_one_device(params, l1, l2, l2_squared):
+    """fused_penalty for a checked, non-empty list of plain tensors on one device."""
+    return _FusedPenalty.apply(l1, l2, l2_squared, *params)
 
 
 def _group_by_device(params):
@@ -100,14 +85,19 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False):
     params, same_device = materialize_params_and_device("fused_penalty", params)
     if not params:
         return torch.zeros(())
+    return penalty_of_checked(params, l1, l2, l2_squared, same_device)
+
+
+def penalty_of_checked(params, l1, l2, l2_squared, same_device):
+    """fused_penalty for a checked, non-empty list: DTensors, one device, or several."""
     if has_dtensor(params):
         # Sharded (FSDP2 / DTensor) parameters: local shards, one all_reduce.
-        return fused_penalty_dtensor(params, l1, l2, l2_squared)
+        return distributed.fused_penalty_dtensor(params, l1, l2, l2_squared)
     if same_device:
-        return _FusedPenalty.apply(l1, l2, l2_squared, *params)
+        return penalty_on_one_device(params, l1, l2, l2_squared)
     first_device = params[0].device
     # Mixed devices: one fused call per device, summed on the first device.
-    totals = [_FusedPenalty.apply(l1, l2, l2_squared, *group).to(first_device)
+    totals = [penalty_on_one_device(group, l1, l2, l2_squared).to(first_device)
               for group in _group_by_device(params)]
     total = totals[0]
     for t in totals[1:]:

@@ -1,16 +1,21 @@
-"""Reference implementations: the loop regext replaces, and exact baselines.
+"""Reference implementations: the loop regext replaces, exact baselines, and the
+executable semantics of the proximal and counting operators.
 
-`penalty_loop` is the seed document's per-parameter loop, written so that it
+`penalty_loop` is the per-parameter loop people write (l1 * sum of torch.norm(p, 1)
+plus l2 * sum of torch.norm(p, 2) over model.parameters()), written so that it
 runs on any device; tests compare values and gradients against it, and the
 benchmarks time it. `penalty_float64` is the ground truth for accuracy.
 `penalty_foreach` is the best one can do with stock torch._foreach_norm.
+`prox_l1_reference`, `prox_group_l2_reference` and `count_zeros_reference` define
+what the operators compute, in torch ops, one tensor at a time in list order; the
+tests compare the kernels with them bit for bit.
 """
 
 import torch
 
 
 def _start(params):
-    # torch.tensor(0.) in the seed: a float32 zero, promoted by float64 norms.
+    # torch.tensor(0.) in the loop: a float32 zero, promoted by float64 norms.
     device = params[0].device if params else torch.device("cpu")
     return torch.zeros((), device=device)
 
@@ -45,3 +50,41 @@ def penalty_foreach(params, l1=0.0, l2=0.0, *, l2_squared=False):
     norms = torch.stack(torch._foreach_norm(params, 2))
     l2_reg = norms.pow(2).sum() if l2_squared else norms.sum()
     return l1 * l1_reg + l2 * l2_reg
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def prox_l1_reference(params, threshold):
+    """x <- sign(x) * max(|x| - t, 0), computed in float32/float64, rounded once."""
+    for p in params:
+        x = p.to(_compute_dtype(p))
+        t = torch.full((), threshold, dtype=x.dtype, device=x.device)  # rounded like the kernel
+        magnitude = x.abs()
+        shrunk = torch.where(x < 0, t - magnitude, magnitude - t)  # sign(x) * (|x| - t)
+        p.copy_(torch.where(magnitude <= t, torch.zeros_like(x), shrunk))
+
+
+def group_shrink_scale_reference(sum_sq, threshold):
+    """max(0, 1 - t / ||x||) from float64 sums of squares, elementwise; 1 (unchanged)
+    where the norm is NaN (csrc/penalty_math.h, group_shrink_scale)."""
+    norm = sum_sq.sqrt()
+    scale = torch.where(norm <= threshold, torch.zeros_like(norm), 1.0 - threshold / norm)
+    return torch.where(torch.isnan(norm), torch.ones_like(norm), scale)
+
+
+def prox_group_l2_reference(params, threshold):
+    """x <- x * max(0, 1 - t / ||x||), norm from a float64 sum of squares."""
+    for p in params:
+        if p.numel() == 0:
+            continue
+        sum_sq = p.to(torch.float64).pow(2).sum()
+        scale = group_shrink_scale_reference(sum_sq, threshold)
+        product = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else torch.float64
+        p.copy_(p.to(product) * scale.to(product))
+
+
+def count_zeros_reference(params):
+    """int64 [len(params)]: elements equal to +0 or -0 per tensor."""
+    return torch.stack([(p == 0).sum() for p in params]).to(torch.int64)

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from regext import distributed
+from regext._dtensor import has_dtensor
 from regext._named import named_tensors
 from regext._validation import check_coefficient
-from regext.inplace import _add_penalty_grad, prox_group_l2_, prox_l1_
-from regext.penalty import _FusedPenalty, fused_penalty
+from regext.grad import add_penalty_grad_checked
+from regext.penalty import penalty_of_checked
+from regext.prox import prox_group_l2_, prox_l1_, prox_l2_squared_
 
 _OVERRIDE_KEYS = ("l1", "l2", "l2_squared")
 
@@ -169,30 +170,26 @@ class Penalty:
             PenaltyGroup(l1=k[0], l2=k[1], l2_squared=k[2], names=tuple(n for n, _ in members),
                          params=tuple(p for _, p in members))
             for k, members in groups.items())
-        # What each call iterates over: plain lists, cheap to pass to the operators,
-        # and whether the list holds DTensors (FSDP2): those take fused_penalty's path.
-        self._calls = tuple((list(g.params), g.l1, g.l2, g.l2_squared,
-                             distributed.has_dtensor(g.params)) for g in self._groups)
+        # What each call iterates over: plain lists, cheap to pass to the operators.
+        self._calls = tuple((list(g.params), g.l1, g.l2, g.l2_squared) for g in self._groups)
+
+    @staticmethod
+    def _on_one_device(params):
+        """Whether the (plain) tensors share a device: checked per call, as model.to()
+        may move parameters after construction; DTensors take their own route."""
+        first = params[0].device
+        return all(p.device == first for p in params) and not has_dtensor(params)
 
     # -- the penalty ---------------------------------------------------------------
 
     def __call__(self):
         """The penalty over the selected parameters, differentiable (0-dim tensor)."""
         total = None
-        for params, l1, l2, l2_squared, sharded in self._calls:
-            if sharded:
-                value = fused_penalty(params, l1, l2, l2_squared=l2_squared)
-                total = value if total is None else total + value.to(total.device)
+        for params, l1, l2, l2_squared in self._calls:
+            if not params:
                 continue
-            try:
-                # The parameters were checked when the Penalty was built: go straight to
-                # the fused operator (one device, plain tensors: the usual case).
-                value = _FusedPenalty.apply(l1, l2, l2_squared, *params)
-            except Exception:
-                # Anything else (parameters on several devices, tensor subclasses, a
-                # parameter whose dtype changed): the public path, which handles it or
-                # raises its usual error. The failed attempt computed nothing.
-                value = fused_penalty(params, l1, l2, l2_squared=l2_squared)
+            # The parameters were checked when the Penalty was built.
+            value = penalty_of_checked(params, l1, l2, l2_squared, self._on_one_device(params))
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
@@ -200,8 +197,8 @@ class Penalty:
         """``p.grad += d(penalty)/dp`` in place for the selected parameters that
         require grad (see :func:`regext.add_penalty_grad_`); returns the detached value."""
         total = None
-        for params, l1, l2, l2_squared, _ in self._calls:
-            value = _add_penalty_grad("Penalty.add_grad_", params, l1, l2, l2_squared)
+        for params, l1, l2, l2_squared in self._calls:
+            value = add_penalty_grad_checked("Penalty.add_grad_", params, l1, l2, l2_squared)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
@@ -211,8 +208,8 @@ class Penalty:
         * L1 part: soft-thresholding by ``lr·l1`` (:func:`regext.prox_l1_`), which
           makes exact zeros;
         * then the L2 part: group shrinkage by ``lr·l2``
-          (:func:`regext.prox_group_l2_`), or for ``l2_squared`` the ridge scaling
-          ``x / (1 + 2·lr·l2)``.
+          (:func:`regext.prox_group_l2_`), or for ``l2_squared`` the decay
+          ``x / (1 + 2·lr·l2)`` (:func:`regext.prox_l2_squared_`).
 
         That is the exact proximal map of ``lr·(l1‖x‖₁ + l2‖x‖₂)`` (sparse group
         lasso) or of ``lr·(l1‖x‖₁ + l2‖x‖₂²)`` (elastic net) for each tensor. Use it
@@ -220,17 +217,11 @@ class Penalty:
         (proximal gradient descent); ``lr`` should be the optimizer's step size.
         """
         lr = check_coefficient("Penalty.prox_", "lr", lr)
-        with torch.no_grad():
-            for params, l1, l2, l2_squared, sharded in self._calls:
-                if l1 > 0.0:
-                    prox_l1_(params, lr * l1)
-                if l2 > 0.0:
-                    if l2_squared:
-                        local = [distributed._local_of(p) for p in params] if sharded \
-                            else params
-                        torch._foreach_mul_(local, 1.0 / (1.0 + 2.0 * lr * l2))
-                    else:
-                        prox_group_l2_(params, lr * l2)
+        for params, l1, l2, l2_squared in self._calls:
+            if l1 > 0.0:
+                prox_l1_(params, lr * l1)
+            if l2 > 0.0:
+                (prox_l2_squared_ if l2_squared else prox_group_l2_)(params, lr * l2)
 
     # -- inspection ----------------------------------------------------------------
 

@@ -7,7 +7,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import regext  # noqa: E402
-from regext._fallback import (count_zeros_reference, prox_group_l2_reference,  # noqa: E402
+from regext.reference import (count_zeros_reference, prox_group_l2_reference,  # noqa: E402
                               prox_l1_reference)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

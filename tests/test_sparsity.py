@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import regext
-from regext._fallback import count_zeros_reference
+from regext.reference import count_zeros_reference
 
 from conftest import random_params
 

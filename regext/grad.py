@@ -1,0 +1,164 @@
+"""add_penalty_grad_: the penalty's gradient added straight into ``p.grad``, without autograd.
+
+    loss.backward()
+    regext.add_penalty_grad_(model.parameters(), l1, l2)   # p.grad += d(penalty)/dp
+    optimizer.step()
+"""
+
+import enum
+
+import torch
+
+from regext import distributed
+from regext._dtensor import has_dtensor
+from regext._validation import (check_coefficient, check_no_self_overlap, indices_by_device,
+                                materialize_params)
+
+
+def _bad_grad(func, i, p, g):
+    """The error for an existing .grad that cannot be updated in place, if any."""
+    where = f"{func}: params[{i}].grad"
+    if g.layout != torch.strided:
+        return TypeError(f"{where} has layout {g.layout} (dtype {g.dtype}, device {g.device}); "
+                         f"only strided gradients are supported (a sparse gradient, e.g. from "
+                         f"nn.Embedding(sparse=True), is not)")
+    if g.dtype != p.dtype:
+        return TypeError(f"{where} has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+    if g.device != p.device:
+        return ValueError(f"{where} is on {g.device} but params[{i}] is on {p.device}")
+    if g.shape != p.shape:
+        return ValueError(f"{where} has shape {tuple(g.shape)} but params[{i}] has shape "
+                          f"{tuple(p.shape)}")
+    try:
+        check_no_self_overlap(func, f"params[{i}].grad", g)
+    except ValueError as e:
+        return e
+    return None
+
+
+class GradAction(enum.IntEnum):
+    """What add_penalty_grad_ does with each parameter."""
+    SKIP = 0        # it does not require grad
+    ACCUMULATE = 1  # add into its existing .grad
+    CREATE = 2      # create its .grad
+    REPEAT = 3      # add into the .grad created for an earlier entry of the same tensor
+
+
+def plan_actions(func, params):
+    """Checks every existing .grad and decides a GradAction per parameter, before
+    anything is written."""
+    plan = []
+    creating = set()
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            plan.append(GradAction.SKIP)
+            continue
+        g = p.grad
+        if g is None:
+            if id(p) in creating:
+                plan.append(GradAction.REPEAT)
+            else:
+                creating.add(id(p))
+                plan.append(GradAction.CREATE)
+            continue
+        # The common case costs a few attribute reads; messages are built only on failure.
+        if not (g.layout is torch.strided and g.dtype is p.dtype and g.shape == p.shape
+                and g.device == p.device and g.is_contiguous()):
+            error = _bad_grad(func, i, p, g)
+            if error is not None:
+                raise error
+        plan.append(GradAction.ACCUMULATE)
+    return plan
+
+
+def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
+    """p.grad += d(penalty)/dp for the parameters of one device, following `plan`."""
+    n = len(params)
+
+    def stats_rows(rows):  # which stats row each listed parameter uses; None: all, in order
+        return None if len(rows) == n else rows
+
+    def rows_of(kind):
+        return [i for i, k in enumerate(plan) if k == kind]
+
+    def accumulate(rows):
+        if rows:
+            ps = [params[i] for i in rows]
+            torch.ops.regext.penalty_grad_accumulate_(
+                [p.grad for p in ps], ps, stats, l1, l2, l2_squared, stats_rows(rows))
+
+    # Existing gradients first: the operator checks them all before writing any.
+    accumulate(rows_of(GradAction.ACCUMULATE))
+    created = rows_of(GradAction.CREATE)
+    if created:
+        ps = [params[i] for i in created]
+        # Out of place, straight into new tensors: no zeros-then-add pass.
+        ones = torch.ones((), dtype=total.dtype, device=total.device)
+        grads = torch.ops.regext.penalty_backward(ones, ps, stats, l1, l2, l2_squared,
+                                                  stats_rows(created))
+        for p, g in zip(ps, grads):
+            p.grad = g
+    accumulate(rows_of(GradAction.REPEAT))
+
+
+def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
+    """Adds the gradient of ``l1·Σ‖p‖₁ + l2·Σ‖p‖₂`` into every ``p.grad``, in place.
+
+    Call it after ``loss.backward()`` instead of adding ``fused_penalty`` to the loss:
+    the gradients are the same, but no autograd graph is built and no
+    gradient-sized temporary is made. One read of the parameters computes the
+    norms, one more pass adds the gradient (one fused call each per device).
+
+    Args:
+        params: any iterable of floating-point tensors, e.g. ``model.parameters()``.
+            Tensors that do not require grad count in the returned value but their
+            ``.grad`` is left alone. A ``.grad`` that is ``None`` is created (with
+            the parameter's dtype and memory layout). A tensor listed twice gets
+            twice the gradient, as with ``fused_penalty``.
+        l1, l2, l2_squared: as in :func:`regext.fused_penalty`.
+
+    Returns:
+        The penalty value, a detached 0-dim tensor with ``fused_penalty``'s dtype and
+        device rules (float64 if any parameter is float64, else float32; on the
+        first parameter's device). An empty iterable gives ``tensor(0.)``.
+
+    Raises:
+        ValueError: a bad ``l1``/``l2``; an existing ``.grad`` with the wrong shape or
+            device, or with overlapping memory.
+        TypeError: an element that is not a strided real floating-point tensor; an
+            existing ``.grad`` that is sparse or of another dtype.
+        All are raised before any gradient is touched.
+    """
+    func = "add_penalty_grad_"
+    l1 = check_coefficient(func, "l1", l1)
+    l2 = check_coefficient(func, "l2", l2)
+    params = materialize_params(func, params)
+    return add_penalty_grad_checked(func, params, l1, l2, bool(l2_squared))
+
+
+def add_penalty_grad_checked(func, params, l1, l2, l2_squared):
+    """add_penalty_grad_ for an already checked list and coefficients (Penalty's path)."""
+    if has_dtensor(params):
+        # Sharded parameters (FSDP2 / DTensor): local shards, one all_reduce of the
+        # per-tensor sums, gradients as DTensors with the parameters' placements.
+        return distributed.add_penalty_grad_dtensor_(params, l1, l2, l2_squared, func=func)
+    plan = plan_actions(func, params)
+    if not params:
+        return torch.zeros(())
+    with torch.no_grad():
+        result = None
+        for rows in indices_by_device(params):
+            if len(rows) == len(params):
+                group, group_plan = params, plan
+            else:
+                group, group_plan = [params[i] for i in rows], [plan[i] for i in rows]
+            if all(k == GradAction.ACCUMULATE for k in group_plan):
+                # The usual step (every .grad exists): one operator; in the squared
+                # form it reads each parameter once, computing sums and gradient together.
+                total, _ = torch.ops.regext.penalty_forward_accumulate_(
+                    [p.grad for p in group], group, l1, l2, l2_squared)
+            else:
+                total, stats = torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
+                _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared)
+            result = total if result is None else result + total.to(result.device)
+    return result

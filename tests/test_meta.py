@@ -11,12 +11,30 @@ import torch
 
 import regext
 
-OPS = ["penalty_forward", "penalty_backward", "penalty_grad_accumulate_"]
+from op_samples import cases, clone_args, flatten, sample
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_every_op_has_a_meta_kernel(op):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"regext::{op}", "Meta")
+def _to_meta(args):
+    def meta(a):
+        if isinstance(a, torch.Tensor):
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            return [meta(t) for t in a]
+        return a
+    return tuple(meta(a) for a in args)
+
+
+@pytest.mark.parametrize("name, index", cases())
+def test_every_operator_on_meta_tensors_gives_the_cpu_result_metadata(name, index):
+    """The fake kernel: meta outputs with the CPU kernel's shapes, dtypes and strides."""
+    args = sample(name, index)
+    op = getattr(torch.ops.regext, name)
+    meta = flatten(op(*_to_meta(clone_args(args))))
+    cpu = flatten(op(*clone_args(args)))
+    assert len(meta) == len(cpu)
+    for m, c in zip(meta, cpu):
+        assert m.device.type == "meta"
+        assert (m.shape, m.dtype, m.stride()) == (c.shape, c.dtype, c.stride())
 
 
 def test_meta_params_give_a_meta_result():

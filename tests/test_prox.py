@@ -282,21 +282,6 @@ def test_single_tensor_and_empty_list():
 
 # ---- operator registration ------------------------------------------------------------------
 
-def _op_params(gen, device, dtype=torch.float32):
-    ps = random_params(gen, [(4, 5), (3,), (0,), (2, 3, 4)], dtype=dtype, device=device,
-                       requires_grad=False)
-    ps.append(random_params(gen, [(6, 4)], dtype=dtype, device=device,
-                            requires_grad=False)[0].t())
-    return ps
-
-
-@pytest.mark.parametrize("op", ["prox_l1_", "prox_group_l2_"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_opcheck(device, gen, op, dtype):
-    torch.library.opcheck(getattr(torch.ops.regext, op).default,
-                          (_op_params(gen, device, dtype), 0.3))
-
-
 def test_compiled_proximal_step_fullgraph(device, gen):
     params = random_params(gen, [(20, 10), (10,)], device=device, requires_grad=False)
     grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]

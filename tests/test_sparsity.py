@@ -105,10 +105,3 @@ def test_bad_input(bad, error, pattern):
         regext.sparsity(torch.randn(3))
     with pytest.raises(TypeError, match="iterable"):
         regext.sparsity(42)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_opcheck(device, gen, dtype):
-    params = [_with_zeros(gen, s, 0.4, dtype, device) for s in [(4, 5), (3,), (0,)]]
-    params.append(_with_zeros(gen, (6, 4), 0.4, dtype, device).t())
-    torch.library.opcheck(torch.ops.regext.count_zeros.default, (params,))

@@ -20,6 +20,7 @@ import torch
 import regext
 
 from conftest import DEVICES
+from op_samples import cases, flatten, outcome, sample
 
 THREADS = 8
 ROUNDS = 12
@@ -98,28 +99,19 @@ def test_threads_sharing_one_read_only_list():
     _run_concurrently(work)
 
 
-def test_threads_calling_the_ops_directly():
-    lists = [[p.detach() for p in _params(k)] for k in range(THREADS)]
-
-    def ops(params, k):
-        l1, l2, sq = _coefficients(k)
-        total, stats = torch.ops.regext.penalty_forward(params, l1, l2, sq)
-        grads = torch.ops.regext.penalty_backward(torch.tensor(1.0), params, stats, l1, l2, sq)
-        acc = [torch.ones_like(p) for p in params]
-        torch.ops.regext.penalty_grad_accumulate_(acc, params, stats, l1, l2, sq)
-        return [total, stats] + list(grads) + acc
-
-    expected = [ops(lists[k], k) for k in range(THREADS)]
+@pytest.mark.parametrize("name, index", cases(first_only=True))
+def test_threads_calling_every_operator_directly(name, index):
+    op = getattr(torch.ops.regext, name)
+    args = [sample(name, index, seed=k) for k in range(THREADS)]
+    expected = [flatten(outcome(name, op, args[k])) for k in range(THREADS)]
 
     def work(k):
         for _ in range(ROUNDS):
-            _assert_bitwise(ops(lists[k], k), expected[k], f"thread {k}")
+            _assert_bitwise(flatten(outcome(name, op, args[k])), expected[k], f"thread {k}")
 
     _run_concurrently(work)
 
 
-@pytest.mark.skipif(not hasattr(regext, "add_penalty_grad_"),
-                    reason="regext.add_penalty_grad_ not merged yet")
 def test_threads_calling_add_penalty_grad_on_different_lists():
     lists = [_params(k) for k in range(THREADS)]
     expected = []

@@ -15,6 +15,7 @@ import torch
 
 from emulated import (CPU, DTYPES, EMU, assert_bits_equal, exact_size, launches,
                       on_every_schedule, vector_width)
+from op_samples import OPS, assert_close_outcomes, cases, outcome, param_dtype, sample
 
 CHUNK = 32768
 
@@ -330,3 +331,13 @@ def test_half_tensors_beside_float64_are_summed_in_float64():
     assert total.dtype == torch.float64
     want = float64_stats(params)
     assert ((stats - want).abs() / want).max().item() <= EXACT_BOUND
+
+
+@pytest.mark.parametrize("name, index", cases())
+def test_every_operator_matches_its_reference(name, index):
+    """The operator table of tests/op_samples.py: every operator, emulated, against
+    its float64 reference (so a new operator is covered here by its table entry)."""
+    args = sample(name, index)
+    got = on_every_schedule(lambda: outcome(name, getattr(EMU, name), args))
+    want = outcome(name, OPS[name].reference, args)
+    assert_close_outcomes(got, want, param_dtype(args), f"{name} sample {index}, emulated")

@@ -1,0 +1,210 @@
+"""One entry per regext operator: sample arguments, the arguments it writes, and a
+reference from torch ops in float64.
+
+test_op_registry.py checks that the table names every operator and that its
+`mutated` positions are the schema's `(a!)` arguments; the opcheck, meta, compile,
+thread, CUDA and emulated-CUDA tests iterate it. Adding an operator means adding
+its entry here (csrc/schemas.h lists the other places).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from regext.reference import count_zeros_reference, prox_group_l2_reference, prox_l1_reference
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def sample_params(gen, device, dtype):
+    """Sizes across the 256-element blocks and a chunk boundary, a zero-size tensor,
+    exact zeros, and a transposed (dense, non-contiguous) tensor."""
+    ps = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in
+          [(4, 5), (3,), (0,), (2, 3, 4), (300,), (32769,)]]
+    ps[4][::5] = 0.0
+    ps.append(torch.randn(6, 4, generator=gen, dtype=torch.float64).t())
+    return [p.to(dtype=dtype, device=device) for p in ps]
+
+
+def _grads_like(params, gen):
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)
+            for p in params]
+
+
+def _stats(params):
+    return torch.ops.regext.penalty_forward(params, 0.0, 0.0, False)[1]
+
+
+def forward_samples(gen, device):
+    return [(sample_params(gen, device, dtype), 0.1, 0.2, squared)
+            for dtype in DTYPES for squared in (False, True)]
+
+
+def backward_samples(gen, device):
+    out = []
+    for dtype in DTYPES:
+        params = sample_params(gen, device, dtype)
+        stats = _stats(params)
+        grad_total = torch.tensor(1.5, device=device)
+        out.append((grad_total, params, stats, 0.1, 0.2, False))
+        out.append((grad_total, params, stats, 0.1, 0.2, True))
+        # A subset, told its stats rows: a tensor listed twice.
+        out.append((grad_total, [params[6], params[0], params[6]], stats, 0.1, 0.2, False,
+                    [6, 0, 6]))
+    return out
+
+
+def grad_accumulate_samples(gen, device):
+    out = []
+    for dtype in DTYPES:
+        params = sample_params(gen, device, dtype)
+        stats = _stats(params)
+        out.append((_grads_like(params, gen), params, stats, 0.1, 0.2, False))
+        out.append((_grads_like(params, gen), params, stats, 0.1, 0.2, True, None))
+    return out
+
+
+def forward_accumulate_samples(gen, device):
+    return [(_grads_like(params, gen), params, 0.1, 0.2, squared)
+            for dtype in DTYPES for params in [sample_params(gen, device, dtype)]
+            for squared in (False, True)]
+
+
+def prox_samples(gen, device):
+    return [(sample_params(gen, device, dtype), threshold)
+            for dtype in DTYPES for threshold in (0.0, 0.3)]
+
+
+def count_samples(gen, device):
+    return [(sample_params(gen, device, dtype),) for dtype in DTYPES]
+
+
+# ---- references: float64 torch ops, cast to the kernels' output dtypes ----------
+
+def _ref_stats(params):
+    return torch.tensor([[p.double().abs().sum().item(), p.double().pow(2).sum().item()]
+                         for p in params], dtype=torch.float64).reshape(len(params), 2)
+
+
+def _ref_total(params, stats, l1, l2, squared):
+    l2_terms = stats[:, 1] if squared else stats[:, 1].sqrt()
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return (l1 * stats[:, 0].sum() + l2 * l2_terms.sum()).to(dtype)
+
+
+def _ref_grad(grad_total, x, sum_sq, l1, l2, squared):
+    x64 = x.double()
+    if squared:
+        linear = 2.0 * x64
+    else:
+        norm = float(sum_sq) ** 0.5
+        linear = x64 / norm if norm != 0 else torch.zeros_like(x64)
+    return (float(grad_total) * (l1 * x64.sign() + l2 * linear)).to(x.dtype)
+
+
+def ref_forward(params, l1, l2, squared):
+    stats = _ref_stats(params)
+    return _ref_total(params, stats, l1, l2, squared).to(params[0].device), stats.to(
+        params[0].device)
+
+
+def ref_backward(grad_total, params, stats, l1, l2, squared, rows=None):
+    rows = list(range(len(params))) if rows is None else rows
+    return [_ref_grad(grad_total, p, stats[r, 1], l1, l2, squared) for p, r in zip(params, rows)]
+
+
+def ref_grad_accumulate_(grads, params, stats, l1, l2, squared, rows=None):
+    for g, d in zip(grads, ref_backward(1.0, params, stats, l1, l2, squared, rows)):
+        g.copy_((g.double() + d.double()).to(g.dtype))
+
+
+def ref_forward_accumulate_(grads, params, l1, l2, squared):
+    total, stats = ref_forward(params, l1, l2, squared)
+    ref_grad_accumulate_(grads, params, stats, l1, l2, squared)
+    return total, stats
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    samples: Callable    # (generator, device) -> [argument tuples]
+    mutated: tuple       # positions of the arguments the operator writes
+    reference: Callable  # the same call in torch ops (writes the same arguments)
+
+
+OPS = {
+    "penalty_forward": OpEntry(forward_samples, (), ref_forward),
+    "penalty_backward": OpEntry(backward_samples, (), ref_backward),
+    "penalty_grad_accumulate_": OpEntry(grad_accumulate_samples, (0,), ref_grad_accumulate_),
+    "penalty_forward_accumulate_": OpEntry(forward_accumulate_samples, (0,),
+                                           ref_forward_accumulate_),
+    "prox_l1_": OpEntry(prox_samples, (0,), prox_l1_reference),
+    "prox_group_l2_": OpEntry(prox_samples, (0,), prox_group_l2_reference),
+    "count_zeros": OpEntry(count_samples, (), count_zeros_reference),
+}
+
+
+def cases(device="cpu", *, first_only=False):
+    """(operator name, sample index) pairs for pytest ids; first_only: one per operator
+    (for the slow checks: compile, threads)."""
+    gen = torch.Generator().manual_seed(0)
+    return [(name, i) for name, entry in OPS.items()
+            for i in range(1 if first_only else len(entry.samples(gen, device)))]
+
+
+def sample(name, index, device="cpu", seed=0):
+    """A fresh copy of one sample's arguments."""
+    return OPS[name].samples(torch.Generator().manual_seed(seed), device)[index]
+
+
+def clone_args(args):
+    """The arguments with every tensor (and list of tensors) copied, layouts kept."""
+    def clone(a):
+        if isinstance(a, torch.Tensor):
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype,
+                                       device=a.device).copy_(a)
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            return [clone(t) for t in a]
+        return a
+    return tuple(clone(a) for a in args)
+
+
+def outcome(name, fn, args):
+    """What a call produces: its result and the new values of the arguments it writes."""
+    args = clone_args(args)
+    result = fn(*args)
+    written = [args[i] for i in OPS[name].mutated]
+    return result, written
+
+
+def flatten(value):
+    """The tensors of a result, in order (nested tuples and lists flattened)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flatten(v)]
+    return []
+
+
+TOLERANCES = {  # (rtol, atol) by the samples' parameter dtype
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def param_dtype(args):
+    """The dtype of a sample's parameters (the first list of tensors that is not grads)."""
+    lists = [a for a in args if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)]
+    return lists[-1][0].dtype
+
+
+def assert_close_outcomes(got, want, dtype, what=""):
+    rtol, atol = TOLERANCES[dtype]
+    got, want = flatten(got), flatten(want)
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (what, i, g.dtype, w.dtype)
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what}, tensor {i}: {m}")

@@ -176,7 +176,7 @@ def extension():
         files += sources("csrc/cuda_missing/*.cpp")
 
     sanitize = env_flag(env, "REGEXT_SANITIZE")
-    # -ffp-contract=off: every ISA clone of the CPU loops must round alike.
+    # -ffp-contract=off: every instruction-set variant of the CPU loops must round alike.
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without the
     # flag it silently runs on one thread. The libgomp torch loaded is reused.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
@@ -188,8 +188,7 @@ def extension():
         # -fsanitize=undefined in GCC.
         checks = "-fsanitize=address,undefined,float-cast-overflow"
         cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=off", "-fno-omit-frame-pointer",
-               "-fno-wrapv", checks, "-fno-sanitize-recover=undefined,float-cast-overflow",
-               "-DREGEXT_NO_TARGET_CLONES"]
+               "-fno-wrapv", checks, "-fno-sanitize-recover=undefined,float-cast-overflow"]
         link.append(checks)
     compile_args = {"cxx": cxx}
     if use_cuda:

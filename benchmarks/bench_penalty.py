@@ -6,11 +6,11 @@ and torch.compile, on real models' parameter shapes.
 
 Variants (each is checked against the loop's value, and in forward+backward against
 the loop's gradients, before it is timed; one that fails is not timed):
-  loop            regext.reference.penalty_loop, the seed's loop (torch.norm per tensor)
+  loop            regext.reference.penalty_loop, the per-parameter loop (torch.norm per tensor)
   foreach         regext.reference.penalty_foreach (two torch._foreach_norm calls)
   compiled        torch.compile(penalty_loop), inductor; compile time reported apart
   regext          regext.fused_penalty
-  regext_inplace  regext.add_penalty_grad_ (forward+backward only), when it exists
+  regext_inplace  regext.add_penalty_grad_ (forward+backward only)
   foreach_norm2   one torch._foreach_norm(params, 2) pass (forward only): not the
                   penalty, the cost of reading every tensor once with torch's own
                   fused reduction; the yardstick of regext's forward (which yields
@@ -34,40 +34,28 @@ over the median time; the ceiling is a large dst.copy_(src) in the same run.
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-try:
-    import regext
-except ImportError:  # an in-place build of a clone that was not pip-installed
-    sys.path.insert(1, ROOT)
-    import regext
-from regext.reference import penalty_float64, penalty_foreach, penalty_loop  # noqa: E402
+import regext
+from regext.reference import penalty_float64, penalty_foreach, penalty_loop
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ run as a script
+import bandwidth  # noqa: E402
 import param_sets  # noqa: E402
+import report  # noqa: E402
 import timing  # noqa: E402
-
-try:
-    from tqdm import tqdm
-except ImportError:  # optional: plain progress lines instead
-    tqdm = None
+from report import PHASES  # noqa: E402
 
 L1, L2 = 1e-5, 1e-4
 DTYPE = torch.float32
-PHASES = ("forward", "forward+backward")
-VARIANTS = ("loop", "foreach", "compiled", "regext", "regext_inplace")
 # A variant passes when its value is within this relative distance of the loop's,
 # or within 3x the loop's own distance from the float64 truth when that is larger
 # (torch's CPU float32 norm drifts by up to ~1e-2 on tens of millions of elements).
@@ -75,102 +63,37 @@ VALUE_RTOL = 1e-4
 # Max over tensors of ||g - g_loop|| / ||g_loop||.
 GRAD_RTOL = 1e-4
 
+@dataclass(frozen=True)
+class Budget:
+    """How long to time one set and phase: seconds of rounds, within these bounds."""
+    seconds: float
+    min_rounds: int
+    max_rounds: int
+
+
 CONFIGS = {
     # full run: all sets, ~6 s of interleaved rounds per set and phase
     "full": dict(
         sets=list(param_sets.PARAM_SETS), with_compiled=True, warmup_rounds=1,
-        budget_s=6.0, min_rounds=7, max_rounds=60, max_copies=32,
+        budget=Budget(6.0, 7, 60), max_copies=32,
         sweep_counts=[10, 30, 100, 300, 1000, 3000, 10000], sweep_count_total=1 << 22,
         sweep_sizes=[1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24], sweep_size_count=100,
-        sweep_budget_s=2.0, sweep_min_rounds=5, sweep_max_rounds=30,
-        ceiling_repeats=15),
+        sweep_budget=Budget(2.0, 5, 30), ceiling_repeats=15,
+        bandwidth_sizes=bandwidth.SIZES, bandwidth_rounds=7),
     # --quick: two sets, no torch.compile (its compile alone takes 30 s to minutes
     # per set on 2 cores), few rounds, a short sweep
     "quick": dict(
         sets=["resnet18", "small500"], with_compiled=False, warmup_rounds=1,
-        budget_s=0.5, min_rounds=3, max_rounds=10, max_copies=4,
+        budget=Budget(0.5, 3, 10), max_copies=4,
         sweep_counts=[10, 100, 1000], sweep_count_total=1 << 18,
         sweep_sizes=[1 << 14, 1 << 17, 1 << 20], sweep_size_count=100,
-        sweep_budget_s=0.3, sweep_min_rounds=3, sweep_max_rounds=10,
-        ceiling_repeats=5),
+        sweep_budget=Budget(0.3, 3, 10), ceiling_repeats=5,
+        bandwidth_sizes=bandwidth.QUICK_SIZES, bandwidth_rounds=3),
 }
 CUDA_OVERRIDES = dict(sweep_count_total=1 << 24, sweep_sizes=[1 << 16, 1 << 18, 1 << 20,
                                                               1 << 22, 1 << 24, 1 << 26,
                                                               1 << 28])
 CEILING_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
-
-
-# --------------------------------------------------------------------------- output
-
-
-class Progress:
-    """A tqdm bar on stderr, or plain numbered lines when tqdm is missing."""
-
-    def __init__(self, total):
-        self.total, self.done = total, 0
-        self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
-                        ) if tqdm else None
-
-    def start(self, desc):
-        if self.bar is not None:
-            self.bar.set_description_str(desc)
-        else:
-            print(f"[{self.done + 1}/{self.total}] {desc} ...", file=sys.stderr, flush=True)
-
-    def advance(self):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def write(self, msg):
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def format_table(rows, columns, markdown=False):
-    """Rows of dicts as an aligned text table (or a Markdown table)."""
-    header = [title for title, _, _ in columns]
-    body = []
-    for row in rows:
-        cells = []
-        for _, key, fmt in columns:
-            value = row.get(key)
-            cells.append("-" if value is None else fmt.format(value))
-        body.append(cells)
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
-              for i, h in enumerate(header)]
-    left = 3  # set, phase, variant are left-aligned, numbers right-aligned
-    def line(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in body])
-
-
-RESULT_COLUMNS = [
-    ("set", "set", "{}"), ("phase", "phase", "{}"), ("variant", "variant", "{}"),
-    ("median ms", "median_ms", "{:.3f}"), ("min ms", "min_ms", "{:.3f}"),
-    ("vs loop", "speedup_vs_loop", "{:.2f}x"), ("vs foreach", "speedup_vs_foreach", "{:.2f}x"),
-    ("vs compiled", "speedup_vs_compiled", "{:.2f}x"),
-    ("GB/s", "gbps", "{:.1f}"), ("% ceiling", "pct_of_ceiling", "{:.1f}"),
-]
-SWEEP_COLUMNS = [
-    ("sweep", "sweep", "{}"), ("phase", "phase", "{}"), ("variant", "variant", "{}"),
-    ("tensors", "n_tensors", "{}"), ("elements", "numel", "{}"),
-    ("median ms", "median_ms", "{:.3f}"), ("min ms", "min_ms", "{:.3f}"),
-    ("vs loop", "speedup_vs_loop", "{:.2f}x"), ("GB/s", "gbps", "{:.1f}"),
-]
 
 
 # --------------------------------------------------------------------------- variants
@@ -212,11 +135,8 @@ def make_variants(device, with_compiled, log):
         log("regext, regext_inplace: skipped, this regext build has no CUDA kernels")
         return variants
     variants.append(Variant("regext", lambda ps: regext.fused_penalty(ps, L1, L2)))
-    if hasattr(regext, "add_penalty_grad_"):
-        variants.append(Variant("regext_inplace", step=lambda ps: regext.add_penalty_grad_(
-            ps, L1, L2), inplace=True))
-    else:
-        log("regext_inplace: skipped, this regext has no add_penalty_grad_ yet")
+    variants.append(Variant("regext_inplace", step=lambda ps: regext.add_penalty_grad_(
+        ps, L1, L2), inplace=True))
     variants.append(Variant("foreach_norm2", forward=lambda ps: torch._foreach_norm(ps, 2),
                             reference_pass=True))
     return variants
@@ -347,8 +267,7 @@ def _task(variant, phase, rotation, grad_store):
     return prepare, run, finish
 
 
-def run_set(name, shapes, variants, device, cfg, clock, cache_bytes, progress,
-            budget_s, min_rounds, max_rounds):
+def run_set(name, shapes, variants, device, cfg, clock, cache_bytes, progress, budget):
     """Checks then times every variant in both phases on one parameter set.
 
     Returns (rows, failures); rows lack the ceiling-dependent fields.
@@ -398,7 +317,8 @@ def run_set(name, shapes, variants, device, cfg, clock, cache_bytes, progress,
         if tasks:
             warm = timing.interleaved(tasks, cfg["warmup_rounds"], clock)
             per_round = sum(min(s) for s in warm.values())
-            rounds = timing.rounds_for(per_round, budget_s, min_rounds, max_rounds)
+            rounds = timing.rounds_for(per_round, budget.seconds, budget.min_rounds,
+                                       budget.max_rounds)
             samples = timing.interleaved(tasks, rounds, clock)
         for v in timed:
             stats = timing.summarize(samples[v.name])
@@ -427,133 +347,7 @@ def _add_speedups(rows, set_name, phase):
                                          if other else None)
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _colors():
-    import matplotlib
-    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {v: cycle[i % len(cycle)] for i, v in enumerate(VARIANTS)}  # same color everywhere
-
-
-def plot_speedups(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = _colors()
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    variants = [v for v in VARIANTS if v != "loop" and any(r["variant"] == v for r in rows)]
-    fig, axes = plt.subplots(1, len(PHASES), figsize=(6.5 * len(PHASES), 4.8), sharey=True)
-    width = 0.8 / max(1, len(variants))
-    values = []
-    for ax, phase in zip(axes, PHASES):
-        for i, variant in enumerate(variants):
-            xs, ys = [], []
-            for j, s in enumerate(sets):
-                row = next((r for r in rows if r["set"] == s and r["phase"] == phase
-                            and r["variant"] == variant), None)
-                if row and row.get("speedup_vs_loop"):
-                    xs.append(j + (i - (len(variants) - 1) / 2) * width)
-                    ys.append(row["speedup_vs_loop"])
-            ax.bar(xs, ys, width, color=colors[variant])
-            values += ys
-            for x, y in zip(xs, ys):
-                ax.annotate(f"{y:.1f}" if y < 10 else f"{y:.0f}", (x, y), ha="center",
-                            va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(sets)))
-        ax.set_xticklabels(sets, rotation=15)
-        ax.set_title(f"{phase} (loop = 1)")
-        ax.grid(axis="y", which="both", alpha=0.3)
-    if values:
-        axes[0].set_ylim(min(0.8, min(values) / 1.5), max(values) * 1.8)
-    axes[0].set_ylabel("speed-up over the loop (x, log scale)")
-    from matplotlib.patches import Patch
-    fig.legend(handles=[Patch(color=colors[v], label=v) for v in variants], loc="upper center",
-               ncol=len(variants), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scaling(rows, path, env):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = _colors()
-    fig, axes = plt.subplots(2, len(PHASES), figsize=(6.5 * len(PHASES), 8.5))
-    for r, (sweep, xkey, xlabel) in enumerate([("count", "n_tensors", "number of tensors"),
-                                               ("size", "numel", "total elements")]):
-        sub = [row for row in rows if row["sweep"] == sweep]
-        fixed = (f"fixed total {sub[0]['numel']:,} elements" if sweep == "count"
-                 else f"fixed count {sub[0]['n_tensors']} tensors") if sub else ""
-        for c, phase in enumerate(PHASES):
-            ax = axes[r][c]
-            for variant in VARIANTS:
-                pts = sorted((row[xkey], row["median_ms"]) for row in sub
-                             if row["variant"] == variant and row["phase"] == phase)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=variant, color=colors[variant])
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("median ms (log)")
-            ax.set_title(f"{phase}: time vs {xlabel}, {fixed}", fontsize=10)
-            ax.grid(which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- main
-
-
-def environment(device, cfg_name):
-    # Thread-count variables are part of the command that reproduces a CPU run.
-    thread_env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-                  if k in os.environ}
-    command = ([f"{k}={v}" for k, v in thread_env.items()]
-               + ["python", os.path.relpath(os.path.abspath(__file__), ROOT)] + sys.argv[1:])
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "device": device.type,
-           "threads": torch.get_num_threads(), "thread_env": thread_env,
-           "cpu_count": os.cpu_count(), "cpu_model": timing.cpu_model_name(),
-           "regext": regext.__version__, "regext_cuda_kernels": regext.cuda_available(),
-           "regext_inplace": hasattr(regext, "add_penalty_grad_"),
-           "cuda": torch.version.cuda, "dtype": str(DTYPE).replace("torch.", ""),
-           "l1": L1, "l2": L2, "l2_squared": False, "config": cfg_name,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(command), "loadavg_start": timing.load_average()}
-    try:
-        env["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device_name=torch.cuda.get_device_name(device),
-                   sm_count=props.multi_processor_count,
-                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
-    else:
-        env["device_name"] = env["cpu_model"]
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-            text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    env["phases"] = {
-        "forward": "call with grad mode on, params requiring grad (graph built, freed untimed)",
-        "forward+backward": "call + .backward(), every .grad set to None before (untimed); "
-                            "regext_inplace: one add_penalty_grad_ call into existing .grad"}
-    env["bytes_model"] = ("forward: param bytes; forward+backward: 3x param bytes; "
-                          "regext_inplace: 4x (also reads the existing grad)")
-    return env
 
 
 def parse_args(argv=None):
@@ -566,6 +360,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="fewer sets and rounds, no torch.compile: under a minute")
     parser.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
+    parser.add_argument("--bandwidth-only", action="store_true",
+                        help="only the per-thread bandwidth table (CPU; compare "
+                             "REGEXT_CPU_CAPABILITY variants quickly)")
     args = parser.parse_args(argv)
     if args.sets is not None:
         names = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -575,6 +372,44 @@ def parse_args(argv=None):
                          f"{','.join(param_sets.PARAM_SETS)}")
         args.sets = names
     return args
+
+
+def run_sets(set_names, device, cfg, clock, cache_bytes, progress, log):
+    """Every named parameter set: (rows, failures, compile ms per set)."""
+    rows, failures, compile_ms = [], [], {}
+    for name in set_names:
+        variants = make_variants(device, cfg["with_compiled"], log)
+        shapes = param_sets.PARAM_SETS[name][0]()
+        set_rows, set_failures = run_set(name, shapes, variants, device, cfg, clock,
+                                         cache_bytes, progress, cfg["budget"])
+        rows += set_rows
+        failures += set_failures
+        for v in variants:
+            if v.compile_info:
+                compile_ms[name] = round(compile_summary(v.compile_info)["compile_ms"], 1)
+        torch._dynamo.reset()
+    return rows, failures, compile_ms
+
+
+def sweep_points(cfg):
+    return ([("count", n, cfg["sweep_count_total"]) for n in cfg["sweep_counts"]]
+            + [("size", cfg["sweep_size_count"], t) for t in cfg["sweep_sizes"]])
+
+
+def run_sweeps(device, cfg, clock, cache_bytes, progress, log):
+    """Time against the number of tensors and against the total size: (rows, failures)."""
+    rows, failures = [], []
+    for sweep, count, total in sweep_points(cfg):
+        label = f"{sweep}:{count}x{total // count}"
+        variants = make_variants(device, False, log)
+        sweep_rows, sweep_failures = run_set(
+            label, param_sets.split_shapes(total, count), variants, device, cfg, clock,
+            cache_bytes, progress, cfg["sweep_budget"])
+        for row in sweep_rows:
+            row["sweep"] = sweep
+        rows += sweep_rows
+        failures += sweep_failures
+    return rows, failures
 
 
 def main(argv=None):
@@ -587,16 +422,24 @@ def main(argv=None):
     cfg = dict(CONFIGS[cfg_name])
     if device.type == "cuda":
         cfg.update(CUDA_OVERRIDES)
-    set_names = args.sets or cfg["sets"]
+    set_names = [] if args.bandwidth_only else args.sets or cfg["sets"]
+    if args.bandwidth_only:
+        cfg.update(sweep_counts=[], sweep_sizes=[])
     os.makedirs(args.out, exist_ok=True)
     clock = timing.Clock(device)
-    env = environment(device, cfg_name)
+    env = report.environment(
+        device, cfg_name, __file__, dtype=str(DTYPE).replace("torch.", ""), l1=L1, l2=L2,
+        l2_squared=False,
+        phases={"forward": "call with grad mode on, params requiring grad (graph built, "
+                           "freed untimed)",
+                "forward+backward": "call + .backward(), every .grad set to None before "
+                                    "(untimed); regext_inplace: one add_penalty_grad_ call "
+                                    "into existing .grad"},
+        bytes_model="forward: param bytes; forward+backward: 3x param bytes; "
+                    "regext_inplace: 4x (also reads the existing grad)")
     cache_bytes = timing.last_level_cache_bytes(device)
     env["last_level_cache_bytes"] = cache_bytes
-
-    sweep_points = ([("count", n, cfg["sweep_count_total"]) for n in cfg["sweep_counts"]]
-                    + [("size", cfg["sweep_size_count"], t) for t in cfg["sweep_sizes"]])
-    progress = Progress(total=2 + 3 * (len(set_names) + len(sweep_points)))
+    progress = report.Progress(total=3 + 3 * (len(set_names) + len(sweep_points(cfg))))
     messages = []
 
     def log(msg):  # each message once
@@ -608,37 +451,18 @@ def main(argv=None):
     ceiling_start = timing.measure_ceiling(device, CEILING_BYTES[device.type],
                                            cfg["ceiling_repeats"], clock)
     progress.advance()
-
     if not cfg["with_compiled"]:
         log("compiled: skipped in --quick (torch.compile takes 30 s to minutes per set "
             "on a 2-core CPU); run without --quick to include it")
-    rows, failures, compile_ms = [], [], {}
-    for name in set_names:
-        variants = make_variants(device, cfg["with_compiled"], log)
-        shapes = param_sets.PARAM_SETS[name][0]()
-        set_rows, set_failures = run_set(name, shapes, variants, device, cfg, clock,
-                                         cache_bytes, progress, cfg["budget_s"],
-                                         cfg["min_rounds"], cfg["max_rounds"])
-        rows += set_rows
-        failures += set_failures
-        for v in variants:
-            if v.compile_info:
-                compile_ms[name] = round(compile_summary(v.compile_info)["compile_ms"], 1)
-        torch._dynamo.reset()
-
-    scaling = []
-    for sweep, count, total in sweep_points:
-        label = f"{sweep}:{count}x{total // count}"
-        variants = make_variants(device, False, log)
-        sweep_rows, sweep_failures = run_set(
-            label, param_sets.split_shapes(total, count), variants, device, cfg, clock,
-            cache_bytes, progress, cfg["sweep_budget_s"], cfg["sweep_min_rounds"],
-            cfg["sweep_max_rounds"])
-        for row in sweep_rows:
-            row["sweep"] = sweep
-        scaling += sweep_rows
-        failures += sweep_failures
-
+    rows, failures, compile_ms = run_sets(set_names, device, cfg, clock, cache_bytes, progress,
+                                          log)
+    scaling, sweep_failures = run_sweeps(device, cfg, clock, cache_bytes, progress, log)
+    failures += sweep_failures
+    bandwidth_rows = []
+    if device.type == "cpu":
+        progress.start("per-thread bandwidth")
+        bandwidth_rows = bandwidth.measure(cfg["bandwidth_sizes"], cfg["bandwidth_rounds"], clock)
+    progress.advance()
     progress.start("bandwidth ceiling again")
     ceiling_end = timing.measure_ceiling(device, CEILING_BYTES[device.type],
                                          cfg["ceiling_repeats"], clock)
@@ -654,80 +478,12 @@ def main(argv=None):
                compile_ms=compile_ms, loadavg_end=timing.load_average(),
                wall_s=round(time.perf_counter() - started, 1), messages=messages,
                sweep_compiled="not swept: torch.compile recompiles for every shape")
-    payload = {"env": env, "results": rows, "scaling": scaling, "failures": failures}
-    json_path = os.path.join(args.out, "results.json")
-    with open(json_path, "w") as f:
+    payload = {"env": env, "results": rows, "scaling": scaling, "bandwidth": bandwidth_rows,
+               "failures": failures}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1)
-
-    pngs = []
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("matplotlib is not installed: no PNG charts (pip install matplotlib)",
-              file=sys.stderr)
-    else:
-        if rows:
-            plot_speedups(rows, os.path.join(args.out, "speedup.png"))
-            pngs.append("speedup.png")
-        if scaling:
-            plot_scaling(scaling, os.path.join(args.out, "scaling.png"), env)
-            pngs.append("scaling.png")
-    write_markdown(os.path.join(args.out, "results.md"), env, rows, scaling, failures, pngs)
-
-    print(f"\n{env['device_name']} | {env['threads']} threads | torch {env['torch']} | "
-          f"ceiling {ceiling['gbps']:.1f} GB/s (copy of {ceiling['buffer_bytes'] >> 20} MB) | "
-          f"load {env['loadavg_start']} -> {env['loadavg_end']}")
-    print(format_table(rows, RESULT_COLUMNS))
-    if scaling:
-        print("\nScaling (fixed total size: count sweep; fixed count: size sweep)")
-        print(format_table(scaling, SWEEP_COLUMNS))
-    if compile_ms:
-        print("\ntorch.compile time (first forward + first backward): "
-              + ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in compile_ms.items()))
-    for fail in failures:
-        print(f"FAILED {fail['set']}/{fail['variant']}/{fail['phase']} ({fail['kind']}): "
-              f"{fail.get('error', 'value/gradient check')}")
-    print(f"\nwrote {json_path}, results.md{''.join(', ' + p for p in pngs)} in "
-          f"{args.out} ({env['wall_s']:.0f} s)")
+    report.write_all(args.out, payload)
     return 1 if any(f["kind"] == "check" for f in failures) else 0
-
-
-def forward_vs_one_pass(rows):
-    """{set: regext forward median / foreach_norm2 median}, where both were timed."""
-    forward = {(r["set"], r["variant"]): r["median_ms"] for r in rows if r["phase"] == "forward"}
-    return {s: forward[(s, "regext")] / forward[(s, "foreach_norm2")]
-            for (s, v) in forward if v == "foreach_norm2" and (s, "regext") in forward}
-
-
-def write_markdown(path, env, rows, scaling, failures, pngs):
-    lines = [f"# regext benchmark: {env['device']}", "",
-             f"- machine: {env['device_name']}, {env['threads']} torch threads, "
-             f"{env.get('affinity_cpus', env['cpu_count'])} CPUs usable",
-             f"- torch {env['torch']}, python {env['python']}"
-             + (f", CUDA {env['cuda']}" if env['device'] == 'cuda' else ""),
-             f"- command: `{env['command']}`",
-             f"- date: {env['date']}, commit {env.get('git_commit')}",
-             f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
-             f"- bandwidth ceiling: {env['ceiling_gbps']:.1f} GB/s (median dst.copy_(src), "
-             "read + write bytes)",
-             f"- float32, l1={env['l1']}, l2={env['l2']}; {env['bytes_model']}", ""]
-    lines += [f"![{p}]({p})" for p in pngs] + [""]
-    lines += [format_table(rows, RESULT_COLUMNS, markdown=True), ""]
-    if env.get("compile_ms"):
-        lines += ["torch.compile time (first forward + first backward, excluded above): "
-                  + ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in env["compile_ms"].items()),
-                  ""]
-    ratios = forward_vs_one_pass(rows)
-    if ratios:
-        lines += ["regext forward / one `torch._foreach_norm(params, 2)` pass (medians): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), ""]
-    if scaling:
-        lines += ["## Scaling", "", format_table(scaling, SWEEP_COLUMNS, markdown=True), ""]
-    for fail in failures:
-        lines.append(f"- FAILED {fail['set']}/{fail['variant']}/{fail['phase']} "
-                     f"({fail['kind']}): {fail.get('error', 'value/gradient check')}")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

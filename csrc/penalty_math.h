@@ -102,12 +102,14 @@ C10_HOST_DEVICE inline GradCoefficients grad_coefficients(
 // so t = 0 changes nothing but -0 -> +0. NaN stays NaN and +-inf stays +-inf
 // (for finite t). |x| - t is exact whenever |x| <= 2t (Sterbenz), so applying
 // the step twice with t equals applying it once with 2t up to one rounding.
+// (The CPU loops apply the same formula to whole registers: soft_threshold_lanes
+// in cpu/vector_loops_impl.h.)
 template <typename T>
 C10_HOST_DEVICE inline T soft_threshold(T x, T t) {
   const T magnitude = x < T(0) ? -x : x;  // NaN and -0 pass through unchanged
-  if (magnitude <= t) return T(0);        // false for NaN
   const T shrunk = magnitude - t;
-  return x < T(0) ? -shrunk : shrunk;
+  const T signed_shrunk = x < T(0) ? -shrunk : shrunk;
+  return magnitude <= t ? T(0) : signed_shrunk;  // +0; false for NaN
 }
 
 // Group shrinkage, the proximal map of t * ||x||_2 for one whole tensor:

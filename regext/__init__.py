@@ -29,6 +29,14 @@ def cuda_available() -> bool:
     return bool(_C.with_cuda)
 
 
+def cpu_capability() -> str:
+    """The instruction set of the CPU kernels in use: ``"default"``, ``"avx2"`` or
+    ``"avx512"``. The best the CPU supports, unless REGEXT_CPU_CAPABILITY (read once,
+    when regext is imported) asks for another, as ATEN_CPU_CAPABILITY does for ATen.
+    Every variant gives bitwise identical results."""
+    return _C.cpu_capability()
+
+
 __all__ = ["fused_penalty", "add_penalty_grad_", "Penalty", "PenaltyGroup", "prox_l1_",
            "prox_group_l2_", "prox_l2_squared_", "sparsity", "sparsity_report", "SparsityReport",
-           "TensorSparsity", "reference", "cuda_available", "__version__"]
+           "TensorSparsity", "reference", "cuda_available", "cpu_capability", "__version__"]

@@ -54,17 +54,23 @@ def test_quick_benchmark_writes_json_table_and_charts(tmp_path):
     proc = _run(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     env = data["env"]
-    assert {"torch", "device_name", "threads", "ceiling_gbps", "command"} <= env.keys()
+    assert {"torch", "device_name", "threads", "ceiling_gbps", "command",
+            "cpu_capability"} <= env.keys()
     assert env["torch"] == torch.__version__ and env["ceiling_gbps"] > 0
+    assert env["cpu_capability"] == regext.cpu_capability()
     assert data["failures"] == []
+    assert f"CPU kernels: {regext.cpu_capability()}" in proc.stdout  # the header line
+    bandwidth = data["bandwidth"]
+    assert {r["op"] for r in bandwidth} >= {"forward", "backward (write)", "accumulate",
+                                            "prox_l1_", "prox_group_l2_"}
+    for row in bandwidth:
+        assert row["regext_gbps"] > 0 and row["torch_gbps"] > 0 and row["ratio"] > 0
 
     rows = data["results"]
     _check_rows(rows)
     _check_rows(data["scaling"])
     assert {r["set"] for r in rows} == {"resnet18", "small500"}
-    expected = {"loop", "foreach", "regext", "foreach_norm2"}
-    if hasattr(regext, "add_penalty_grad_"):
-        expected.add("regext_inplace")
+    expected = {"loop", "foreach", "regext", "foreach_norm2", "regext_inplace"}
     for s in ("resnet18", "small500"):
         assert {r["variant"] for r in rows if r["set"] == s} == expected
         for phase in ("forward", "forward+backward"):
@@ -74,6 +80,7 @@ def test_quick_benchmark_writes_json_table_and_charts(tmp_path):
     assert "median ms" in proc.stdout and "vs loop" in proc.stdout  # the table
     markdown = (tmp_path / "results.md").read_text()
     assert "one `torch._foreach_norm(params, 2)` pass" in markdown
+    assert "## Per-thread bandwidth" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         for png in ("speedup.png", "scaling.png"):
             with open(tmp_path / png, "rb") as f:
@@ -144,34 +151,17 @@ def test_compiled_variant_is_checked_and_its_compile_time_recorded(bench):
         torch._dynamo.reset()
 
 
-def _stand_in_add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
-    """The in-place API's semantics from the existing operators, for the benchmark's
-    own test until regext.add_penalty_grad_ exists."""
-    params = list(params)
-    with torch.no_grad():
-        total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        torch.ops.regext.penalty_grad_accumulate_([p.grad for p in params], params, stats,
-                                                  l1, l2, l2_squared)
-    return total
-
-
-def test_run_set_times_every_variant_including_inplace(bench, monkeypatch):
-    if not hasattr(regext, "add_penalty_grad_"):
-        monkeypatch.setattr(regext, "add_penalty_grad_", _stand_in_add_penalty_grad_,
-                            raising=False)
+def test_run_set_times_every_variant_including_inplace(bench):
     logged = []
     device = torch.device("cpu")
     variants = bench.make_variants(device, False, logged.append)
     assert [v.name for v in variants] == ["loop", "foreach", "regext", "regext_inplace",
                                           "foreach_norm2"]
     cfg = {"max_copies": 3, "warmup_rounds": 1}
-    progress = bench.Progress(total=3)
+    progress = bench.report.Progress(total=3)
     rows, failures = bench.run_set("tiny", [(30, 20), (20,), (1000,)], variants, device, cfg,
                                    bench.timing.Clock(device), 1 << 20, progress,
-                                   budget_s=0.05, min_rounds=2, max_rounds=3)
+                                   bench.Budget(0.05, 2, 3))
     progress.close()
     assert failures == []
     got = {(r["variant"], r["phase"]) for r in rows}
@@ -182,3 +172,19 @@ def test_run_set_times_every_variant_including_inplace(bench, monkeypatch):
         assert row["check_passed"] and row["samples"] >= 2 and row["rotation_copies"] == 3
         factor = 1 if row["phase"] == "forward" else 4 if row["variant"] == "regext_inplace" else 3
         assert row["bytes"] == factor * n_bytes
+
+
+def test_inplace_benchmark_runs(tmp_path):
+    """benchmarks/bench_inplace.py on GPT-2-small shapes scaled down 100x."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_inplace.py"),
+                           "--scale", "0.01", "--repeats", "2", "--warmup", "1", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["median_ms"]) == {"regext_inplace", "compiled_loop", "foreach_add",
+                                      "regext_autograd"}
+    assert data["max_grad_diff_vs_compiled_loop"] < 1e-6
+    assert data["env"]["cpu_capability"] == regext.cpu_capability()

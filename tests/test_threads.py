@@ -139,10 +139,13 @@ def test_threads_calling_add_penalty_grad_on_different_lists():
 # (function-local statics initialized once, thread-safely, and then read-only).
 _TOOLCHAIN = re.compile(r"^(_|\.|DW\.ref|completed\.|guard variable for |typeinfo |vtable "
                         r"|std::|c10::|at::|torch::|caffe2::|pybind11::)")
-# regext's own: the operator registrations (written once, at load) and the
-# Python module definition CPython requires.
+# regext's own: the operator registrations (written once, at load), the Python
+# module definition and method table CPython requires, and the CPU capability
+# chosen once at import (a function-local static, initialized under C++'s
+# thread-safe static initialization and never written again).
 _ALLOWED = re.compile(r"^((\w+::)*TORCH_LIBRARY(_IMPL)?_static_init_regext(_\w+)?"
-                      r"|PyInit__C::module_def)$")
+                      r"|PyInit__C::module_def|\(anonymous namespace\)::methods"
+                      r"|regext::cpu::capability_choice\(\)::choice)$")
 # Sections written at run time. .data.rel.ro (constexpr tables of pointers) and
 # .rodata are read-only once the library is loaded.
 _WRITABLE = {".data", ".bss", ".tdata", ".tbss"}

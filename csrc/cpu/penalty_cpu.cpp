@@ -42,10 +42,10 @@ void compute_stats(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
     REGEXT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "penalty_forward", [&] {
       const auto* data = static_cast<const scalar_t*>(t.const_data_ptr()) + chunk.begin;
       if (update == nullptr) {
-        partial[c] = cpu::abs_sq_sums(data, chunk.length, exact);
+        partial[c] = cpu::loops_for<scalar_t>().abs_sq_sums(data, chunk.length, exact);
       } else {
         auto* grad = static_cast<scalar_t*>(update->targets[chunk.tensor].data_ptr());
-        partial[c] = cpu::abs_sq_sums_add_grad(data, grad + chunk.begin, chunk.length, exact,
+        partial[c] = cpu::loops_for<scalar_t>().abs_sq_sums_add_grad(data, grad + chunk.begin, chunk.length, exact,
                                                update->sign_coef, update->linear_coef);
       }
     });
@@ -125,7 +125,7 @@ void CpuBackend::grads(const GradRequest& r) {
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "penalty_backward", [&] {
       const auto* src = static_cast<const scalar_t*>(x.const_data_ptr()) + chunk.begin;
       auto* dst = static_cast<scalar_t*>(r.targets[chunk.tensor].data_ptr()) + chunk.begin;
-      cpu::penalty_grad(src, dst, chunk.length, k.sign_coef, k.linear_coef, k.linear_scale,
+      cpu::loops_for<scalar_t>().penalty_grad(src, dst, chunk.length, k.sign_coef, k.linear_coef, k.linear_scale,
                         r.accumulate);
     });
   });

@@ -18,7 +18,7 @@ void CpuBackend::prox_l1(at::ArrayRef<at::Tensor> dense, double threshold) {
   cpu::for_each_chunk(dense, table, [&](int64_t, const Chunk& chunk) {
     const at::Tensor& x = dense[chunk.tensor];
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prox_l1_", [&] {
-      cpu::soft_threshold_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin, chunk.length,
+      cpu::loops_for<scalar_t>().soft_threshold_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin, chunk.length,
                            threshold);
     });
   });
@@ -37,7 +37,7 @@ void CpuBackend::prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor&
     if (scale == 1.0) return;  // unchanged, bit for bit
     const at::Tensor& x = dense[chunk.tensor];
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prox_group_l2_", [&] {
-      cpu::scale_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin, chunk.length, scale);
+      cpu::loops_for<scalar_t>().scale_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin, chunk.length, scale);
     });
   });
 }
@@ -48,8 +48,8 @@ void CpuBackend::count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& c
   cpu::for_each_chunk(dense, table, [&](int64_t c, const Chunk& chunk) {
     const at::Tensor& x = dense[chunk.tensor];
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "count_zeros", [&] {
-      partial[c] = cpu::count_zeros(static_cast<const scalar_t*>(x.const_data_ptr()) + chunk.begin,
-                                    chunk.length);
+      partial[c] = cpu::loops_for<scalar_t>().count_zeros(
+          static_cast<const scalar_t*>(x.const_data_ptr()) + chunk.begin, chunk.length);
     });
   });
   int64_t* out = counts.data_ptr<int64_t>();

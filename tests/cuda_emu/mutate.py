@@ -111,8 +111,7 @@ def run_mutant(name, work):
     log = test.stdout + test.stderr
     if test.returncode == 0:
         return None, ""
-    report = re.search(r"(ERROR: AddressSanitizer: [\w-]+|WARNING: ThreadSanitizer: [\w ]+|"
-                       r"runtime error: [^\n]+)", log)
+    report = re.search(r"(SUMMARY: \w+Sanitizer: [^\n]+|runtime error: [^\n]+)", log)
     failed = ""
     try:
         for case in ET.parse(junit).getroot().iter("testcase"):

@@ -1,0 +1,304 @@
+"""Reporting for the benchmarks: progress, tables, charts, results.md and the
+environment block of results.json. Measuring lives in bench_penalty.py / timing.py."""
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+import regext
+import timing
+from bandwidth import COLUMNS as BANDWIDTH_COLUMNS
+
+try:
+    from tqdm import tqdm
+except ImportError:  # optional: plain progress lines instead
+    tqdm = None
+
+PHASES = ("forward", "forward+backward")
+# Every variant, in the order (and with the colour) the charts use.
+VARIANTS = ("loop", "foreach", "compiled", "regext", "regext_inplace", "foreach_norm2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Progress:
+    """A tqdm bar on stderr, or plain numbered lines when tqdm is missing."""
+
+    def __init__(self, total):
+        self.total, self.done = total, 0
+        self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+                        ) if tqdm else None
+
+    def start(self, desc):
+        if self.bar is not None:
+            self.bar.set_description_str(desc)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {desc} ...", file=sys.stderr, flush=True)
+
+    def advance(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_table(rows, columns, markdown=False):
+    """Rows of dicts as an aligned text table (or a Markdown table)."""
+    header = [title for title, _, _ in columns]
+    body = []
+    for row in rows:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        body.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
+              for i, h in enumerate(header)]
+    left = 3  # set, phase, variant are left-aligned, numbers right-aligned
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in body])
+
+
+RESULT_COLUMNS = [
+    ("set", "set", "{}"), ("phase", "phase", "{}"), ("variant", "variant", "{}"),
+    ("median ms", "median_ms", "{:.3f}"), ("min ms", "min_ms", "{:.3f}"),
+    ("vs loop", "speedup_vs_loop", "{:.2f}x"), ("vs foreach", "speedup_vs_foreach", "{:.2f}x"),
+    ("vs compiled", "speedup_vs_compiled", "{:.2f}x"),
+    ("GB/s", "gbps", "{:.1f}"), ("% ceiling", "pct_of_ceiling", "{:.1f}"),
+]
+SWEEP_COLUMNS = [
+    ("sweep", "sweep", "{}"), ("phase", "phase", "{}"), ("variant", "variant", "{}"),
+    ("tensors", "n_tensors", "{}"), ("elements", "numel", "{}"),
+    ("median ms", "median_ms", "{:.3f}"), ("min ms", "min_ms", "{:.3f}"),
+    ("vs loop", "speedup_vs_loop", "{:.2f}x"), ("GB/s", "gbps", "{:.1f}"),
+]
+
+
+def _colors():
+    import matplotlib
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {v: cycle[i % len(cycle)] for i, v in enumerate(VARIANTS)}  # same color everywhere
+
+
+def plot_speedups(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _colors()
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    variants = [v for v in VARIANTS if v != "loop" and any(r["variant"] == v for r in rows)]
+    fig, axes = plt.subplots(1, len(PHASES), figsize=(6.5 * len(PHASES), 4.8), sharey=True)
+    width = 0.8 / max(1, len(variants))
+    values = []
+    for ax, phase in zip(axes, PHASES):
+        for i, variant in enumerate(variants):
+            xs, ys = [], []
+            for j, s in enumerate(sets):
+                row = next((r for r in rows if r["set"] == s and r["phase"] == phase
+                            and r["variant"] == variant), None)
+                if row and row.get("speedup_vs_loop"):
+                    xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                    ys.append(row["speedup_vs_loop"])
+            ax.bar(xs, ys, width, color=colors[variant])
+            values += ys
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{y:.1f}" if y < 10 else f"{y:.0f}", (x, y), ha="center",
+                            va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(sets)))
+        ax.set_xticklabels(sets, rotation=15)
+        ax.set_title(f"{phase} (loop = 1)")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    if values:
+        axes[0].set_ylim(min(0.8, min(values) / 1.5), max(values) * 1.8)
+    axes[0].set_ylabel("speed-up over the loop (x, log scale)")
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=colors[v], label=v) for v in variants], loc="upper center",
+               ncol=len(variants), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(rows, path, env):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _colors()
+    fig, axes = plt.subplots(2, len(PHASES), figsize=(6.5 * len(PHASES), 8.5))
+    for r, (sweep, xkey, xlabel) in enumerate([("count", "n_tensors", "number of tensors"),
+                                               ("size", "numel", "total elements")]):
+        sub = [row for row in rows if row["sweep"] == sweep]
+        fixed = (f"fixed total {sub[0]['numel']:,} elements" if sweep == "count"
+                 else f"fixed count {sub[0]['n_tensors']} tensors") if sub else ""
+        for c, phase in enumerate(PHASES):
+            ax = axes[r][c]
+            for variant in VARIANTS:
+                pts = sorted((row[xkey], row["median_ms"]) for row in sub
+                             if row["variant"] == variant and row["phase"] == phase)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=variant, color=colors[variant])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("median ms (log)")
+            ax.set_title(f"{phase}: time vs {xlabel}, {fixed}", fontsize=10)
+            ax.grid(which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment(device, cfg_name, script, **extra):
+    # Thread-count variables are part of the command that reproduces a CPU run.
+    thread_env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                  if k in os.environ}
+    command = ([f"{k}={v}" for k, v in thread_env.items()]
+               + ["python", os.path.relpath(os.path.abspath(script), ROOT)] + sys.argv[1:])
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "device": device.type,
+           "threads": torch.get_num_threads(), "thread_env": thread_env,
+           "cpu_count": os.cpu_count(), "cpu_model": timing.cpu_model_name(),
+           "regext": regext.__version__, "regext_cuda_kernels": regext.cuda_available(),
+           "cpu_capability": regext.cpu_capability(),
+           "cuda": torch.version.cuda, "config": cfg_name, **extra,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(command), "loadavg_start": timing.load_average()}
+    try:
+        env["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=torch.cuda.get_device_name(device),
+                   sm_count=props.multi_processor_count,
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        env["device_name"] = env["cpu_model"]
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+            text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def forward_vs_one_pass(rows):
+    """{set: regext forward median / foreach_norm2 median}, where both were timed."""
+    forward = {(r["set"], r["variant"]): r["median_ms"] for r in rows if r["phase"] == "forward"}
+    return {s: forward[(s, "regext")] / forward[(s, "foreach_norm2")]
+            for (s, v) in forward if v == "foreach_norm2" and (s, "regext") in forward}
+
+
+def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
+    lines = [f"# regext benchmark: {env['device']}", "",
+             f"- machine: {env['device_name']}, {env['threads']} torch threads, "
+             f"{env.get('affinity_cpus', env['cpu_count'])} CPUs usable, CPU kernels "
+             f"{env['cpu_capability']}",
+             f"- torch {env['torch']}, python {env['python']}"
+             + (f", CUDA {env['cuda']}" if env['device'] == 'cuda' else ""),
+             f"- command: `{env['command']}`",
+             f"- date: {env['date']}, commit {env.get('git_commit')}",
+             f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
+             f"- bandwidth ceiling: {env['ceiling_gbps']:.1f} GB/s (median dst.copy_(src), "
+             "read + write bytes)",
+             f"- float32, l1={env['l1']}, l2={env['l2']}; {env['bytes_model']}", ""]
+    lines += [f"![{p}]({p})" for p in pngs] + [""]
+    lines += [format_table(rows, RESULT_COLUMNS, markdown=True), ""]
+    if env.get("compile_ms"):
+        lines += ["torch.compile time (first forward + first backward, excluded above): "
+                  + ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in env["compile_ms"].items()),
+                  ""]
+    ratios = forward_vs_one_pass(rows)
+    if ratios:
+        lines += ["regext forward / one `torch._foreach_norm(params, 2)` pass (medians): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), ""]
+    if scaling:
+        lines += ["## Scaling", "", format_table(scaling, SWEEP_COLUMNS, markdown=True), ""]
+    if bandwidth:
+        lines += ["## Per-thread bandwidth", "",
+                  f"One thread, one float32 tensor, CPU kernels {env['cpu_capability']}; "
+                  "regext / torch is regext's GB/s over the torch op moving the same bytes "
+                  "(benchmarks/bandwidth.py).", "",
+                  format_table(bandwidth, BANDWIDTH_COLUMNS, markdown=True), ""]
+    for fail in failures:
+        lines.append(f"- FAILED {fail['set']}/{fail['variant']}/{fail['phase']} "
+                     f"({fail['kind']}): {fail.get('error', 'value/gradient check')}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+
+
+def write_all(out, payload):
+    """Charts, results.md and the console summary of one run (results.json is written)."""
+    env, rows, scaling, failures = (payload["env"], payload["results"], payload["scaling"],
+                                    payload["failures"])
+    bandwidth = payload.get("bandwidth", [])
+    pngs = []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no PNG charts (pip install matplotlib)",
+              file=sys.stderr)
+    else:
+        if rows:
+            plot_speedups(rows, os.path.join(out, "speedup.png"))
+            pngs.append("speedup.png")
+        if scaling:
+            plot_scaling(scaling, os.path.join(out, "scaling.png"), env)
+            pngs.append("scaling.png")
+    write_markdown(os.path.join(out, "results.md"), env, rows, scaling, failures, pngs, bandwidth)
+    print(f"\n{header_line(env)}")
+    if rows:
+        print(format_table(rows, RESULT_COLUMNS))
+    if scaling:
+        print("\nScaling (fixed total size: count sweep; fixed count: size sweep)")
+        print(format_table(scaling, SWEEP_COLUMNS))
+    if bandwidth:
+        print("\nPer-thread bandwidth (one thread, one float32 tensor)")
+        print(format_table(bandwidth, BANDWIDTH_COLUMNS))
+    if env.get("compile_ms"):
+        print("\ntorch.compile time (first forward + first backward): "
+              + ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in env["compile_ms"].items()))
+    for fail in failures:
+        print(f"FAILED {fail['set']}/{fail['variant']}/{fail['phase']} ({fail['kind']}): "
+              f"{fail.get('error', 'value/gradient check')}")
+    print(f"\nwrote results.json, results.md{''.join(', ' + p for p in pngs)} in {out} "
+          f"({env['wall_s']:.0f} s)")
+
+
+def header_line(env):
+    """Machine, threads, CPU capability, torch, ceiling and load in one line."""
+    ceiling = max(env["ceiling"].values(), key=lambda c: c["gbps"])
+    return (f"{env['device_name']} | {env['threads']} threads | CPU kernels: "
+            f"{env['cpu_capability']} | torch {env['torch']} | ceiling {ceiling['gbps']:.1f} "
+            f"GB/s (copy of {ceiling['buffer_bytes'] >> 20} MB) | load {env['loadavg_start']} "
+            f"-> {env['loadavg_end']}")

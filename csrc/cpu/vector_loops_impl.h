@@ -1,0 +1,441 @@
+// The CPU loops of vector_loops.h, for one instruction set. Included once by
+// each vector_loops_<isa>.cpp after every header it needs (this file includes
+// none: its own inline functions must be the only code compiled for the ISA,
+// so that no inline function of another header gets an ISA-specific copy that
+// the linker could pick for the default path) and after `#pragma GCC target`,
+// with these defined:
+//   REGEXT_ISA          the namespace of this variant (default, avx2, avx512)
+//   REGEXT_FLOAT_LANES  floats per native vector register (4, 8 or 16)
+//   REGEXT_ISA_LOOPS    the name of the function returning the variant's table
+//
+// The arithmetic is written over the algorithm's lanes (16 float32 lanes, 8
+// float64 lanes), each kept in whole native registers, so every variant adds
+// the same numbers in the same order: results are bitwise identical across
+// instruction sets. The build passes -ffp-contract=off: no variant fuses a*b+c.
+
+#define REGEXT_INLINE inline __attribute__((always_inline))
+
+namespace regext::cpu::REGEXT_ISA {
+namespace {
+
+constexpr int kF = REGEXT_FLOAT_LANES;  // floats per register
+constexpr int kD = kF / 2;              // doubles per register
+static_assert(kF == 4 || kF == 8 || kF == 16, "REGEXT_FLOAT_LANES must be 4, 8 or 16");
+
+typedef float FloatV __attribute__((vector_size(4 * kF)));
+typedef float FloatHalfV __attribute__((vector_size(4 * kD)));
+typedef double DoubleV __attribute__((vector_size(8 * kD)));
+typedef int IntV __attribute__((vector_size(4 * kF)));
+typedef long long LongV __attribute__((vector_size(8 * kD)));
+typedef unsigned short Bits16V __attribute__((vector_size(2 * kF)));
+typedef unsigned int Bits32V __attribute__((vector_size(4 * kF)));
+
+// The algorithm's lanes in native registers.
+struct Floats16 {
+  FloatV p[16 / kF];
+};
+struct Doubles8 {
+  DoubleV p[8 / kD];
+};
+
+// kF consecutive elements as floats.
+REGEXT_INLINE FloatV load_floats(const float* x) {
+  FloatV v;
+  __builtin_memcpy(&v, x, sizeof(v));
+  return v;
+}
+REGEXT_INLINE FloatV load_floats(const c10::BFloat16* x) {
+  // bfloat16 is the top half of a float32.
+  Bits16V bits;
+  __builtin_memcpy(&bits, x, sizeof(bits));
+  return reinterpret_cast<FloatV>(__builtin_convertvector(bits, Bits32V) << 16);
+}
+REGEXT_INLINE FloatV load_floats(const c10::Half* x) {
+  FloatV v;
+  for (int i = 0; i < kF; ++i) v[i] = static_cast<float>(x[i]);
+  return v;
+}
+
+template <typename T>
+REGEXT_INLINE Floats16 load16(const T* x) {
+  Floats16 v;
+  for (int k = 0; k < 16 / kF; ++k) v.p[k] = load_floats(x + k * kF);
+  return v;
+}
+
+REGEXT_INLINE void add_abs_and_square(Floats16& abs_acc, Floats16& sq_acc, const Floats16& v) {
+  for (int k = 0; k < 16 / kF; ++k) {
+    abs_acc.p[k] += reinterpret_cast<FloatV>(reinterpret_cast<IntV>(v.p[k]) & 0x7fffffff);
+    sq_acc.p[k] += v.p[k] * v.p[k];
+  }
+}
+
+// The low (H = 0) or high (H = 1) half of a register's floats (where no ISA
+// conversion is used below).
+template <int H>
+[[maybe_unused]] REGEXT_INLINE FloatHalfV half_of(FloatV v) {
+#if REGEXT_FLOAT_LANES == 16
+  return H == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+                : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif REGEXT_FLOAT_LANES == 8
+  return H == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3) : __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  return H == 0 ? __builtin_shufflevector(v, v, 0, 1) : __builtin_shufflevector(v, v, 2, 3);
+#endif
+}
+
+// The low (H = 0) or high (H = 1) half of a register's floats, widened exactly to
+// float64. GCC 12 lowers __builtin_convertvector from 4 floats to 4 doubles into
+// 2-element pieces through the stack; the ISA's own conversion is one instruction.
+template <int H>
+REGEXT_INLINE DoubleV widen(FloatV v) {
+#if defined(__x86_64__) && REGEXT_FLOAT_LANES == 16
+  return reinterpret_cast<DoubleV>(
+      _mm512_cvtps_pd(H == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1)));
+#elif defined(__x86_64__) && REGEXT_FLOAT_LANES == 8
+  return reinterpret_cast<DoubleV>(
+      _mm256_cvtps_pd(H == 0 ? _mm256_castps256_ps128(v) : _mm256_extractf128_ps(v, 1)));
+#elif defined(__x86_64__)
+  return reinterpret_cast<DoubleV>(_mm_cvtps_pd(H == 0 ? v : _mm_movehl_ps(v, v)));
+#else
+  return __builtin_convertvector(half_of<H>(v), DoubleV);
+#endif
+}
+
+// Float lanes [first, first + kD) of v, widened exactly to float64.
+template <int first>
+REGEXT_INLINE DoubleV widen_lanes(const Floats16& v) {
+  return widen<(first % kF) / kD>(v.p[first / kF]);
+}
+
+// acc[L] += (double(v[L]) + double(v[L + 8])) for the 8 float64 lanes L: the
+// 16 float lanes of a block, widened exactly and paired, then added.
+template <int K = 0>
+REGEXT_INLINE void add_widened(Doubles8& acc, const Floats16& v) {
+  acc.p[K] += widen_lanes<K * kD>(v) + widen_lanes<8 + K * kD>(v);
+  if constexpr (K + 1 < 8 / kD) add_widened<K + 1>(acc, v);
+}
+
+// Float lanes [8 * H, 8 * H + 8) of v as the 8 float64 lanes.
+template <int H, int K = 0>
+REGEXT_INLINE void widen8(Doubles8& out, const Floats16& v) {
+  out.p[K] = widen_lanes<8 * H + K * kD>(v);
+  if constexpr (K + 1 < 8 / kD) widen8<H, K + 1>(out, v);
+}
+
+// The 8 float64 lanes added in lane order.
+REGEXT_INLINE double lane_sum(const Doubles8& acc) {
+  double sum = 0.0;
+  for (int k = 0; k < 8 / kD; ++k) {
+    for (int j = 0; j < kD; ++j) sum += acc.p[k][j];
+  }
+  return sum;
+}
+
+// 16 consecutive elements widened to float64: a = the first 8, b = the next 8.
+REGEXT_INLINE void load_doubles16(const double* x, Doubles8& a, Doubles8& b) {
+  __builtin_memcpy(&a, x, sizeof(a));
+  __builtin_memcpy(&b, x + 8, sizeof(b));
+}
+template <typename T>
+REGEXT_INLINE void load_doubles16(const T* x, Doubles8& a, Doubles8& b) {
+  const Floats16 v = load16(x);
+  widen8<0>(a, v);
+  widen8<1>(b, v);
+}
+
+REGEXT_INLINE DoubleV abs_of(DoubleV v) {
+  return reinterpret_cast<DoubleV>(reinterpret_cast<LongV>(v) & 0x7fffffffffffffffLL);
+}
+
+// Elements per block of the float32 loops below.
+constexpr int64_t kBlockElems = 256;
+
+// Software prefetch, into L2, of the block kPrefetchBytes ahead of `p` (a block
+// of kBlockElems elements), one request per cache line: the hardware prefetchers
+// stop at every 4 KiB page boundary, and a single stream read by one core then
+// waits on memory latency. One request per 256 bytes, into L1, or a shorter
+// distance, left one core's DRAM read slower than x.sum()'s
+// (benchmarks/results/README.md has the measurements). Prefetches past the end
+// of a tensor are harmless (they never fault).
+constexpr int64_t kPrefetchBytes = 65536;
+constexpr int64_t kCacheLine = 64;
+
+template <typename T>
+REGEXT_INLINE void prefetch_ahead(const T* p, int rw = 0) {
+  const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  constexpr int64_t kBlockBytes = kBlockElems * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < kBlockBytes; offset += kCacheLine) {
+    if (rw) {
+      __builtin_prefetch(ahead + offset, 1, 2);
+    } else {
+      __builtin_prefetch(ahead + offset, 0, 2);
+    }
+  }
+}
+
+// The float64 loop: every element widened to double, so the sums are exact to
+// ~1e-15 relative and never overflow or underflow for float32 and the half
+// types. Lanes: element i + L of each 16 goes to lane L (a) or L - 8 (b).
+template <typename T>
+REGEXT_INLINE AbsSqSums abs_sq_sums_double(const T* x, int64_t n) {
+  Doubles8 abs_a{}, abs_b{}, sq_a{}, sq_b{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    if (i % kBlockElems == 0) prefetch_ahead(x + i);
+    Doubles8 a, b;
+    load_doubles16(x + i, a, b);
+    for (int k = 0; k < 8 / kD; ++k) {
+      abs_a.p[k] += abs_of(a.p[k]);
+      abs_b.p[k] += abs_of(b.p[k]);
+      sq_a.p[k] += a.p[k] * a.p[k];
+      sq_b.p[k] += b.p[k] * b.p[k];
+    }
+  }
+  for (int k = 0; k < 8 / kD; ++k) {
+    abs_a.p[k] += abs_b.p[k];
+    sq_a.p[k] += sq_b.p[k];
+  }
+  double abs_sum = lane_sum(abs_a), sq_sum = lane_sum(sq_a);
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    abs_sum += __builtin_fabs(v);
+    sq_sum += v * v;
+  }
+  return {abs_sum, sq_sum};
+}
+
+// The fast path for float32 and the half types: |x| and x^2 are summed in
+// float32 lanes over short blocks (kBlockElems elements: 8 terms per lane),
+// and each block's lanes are widened and added in float64. About 5 vector
+// instructions per 16 elements, so the loop runs at memory speed. The float32
+// part adds a relative error of at most ~8 float32 roundings (5e-7) in the
+// worst case, ~1e-7 typically; the float64 part keeps it from growing with n.
+struct FloatBlockSums {
+  AbsSqSums sums;
+  bool trusted;  // false: redo with abs_sq_sums_double
+};
+
+// after_block(begin, length) runs after each block's sums are formed (and
+// once for the tail), while the block is still in L1: the one-pass
+// forward-and-accumulate below updates the gradient there.
+template <typename T, typename AfterBlock>
+REGEXT_INLINE FloatBlockSums abs_sq_sums_float_blocks(const T* x, int64_t n,
+                                                      AfterBlock&& after_block) {
+  Doubles8 abs_acc{}, sq_acc{};
+  int64_t i = 0;
+  for (; i + kBlockElems <= n; i += kBlockElems) {
+    Floats16 abs_a{}, abs_b{}, sq_a{}, sq_b{};
+    prefetch_ahead(x + i);
+    for (int64_t j = i; j < i + kBlockElems; j += 32) {
+      add_abs_and_square(abs_a, sq_a, load16(x + j));
+      add_abs_and_square(abs_b, sq_b, load16(x + j + 16));
+    }
+    add_widened(abs_acc, abs_a);
+    add_widened(abs_acc, abs_b);
+    add_widened(sq_acc, sq_a);
+    add_widened(sq_acc, sq_b);
+    after_block(i, kBlockElems);
+  }
+  after_block(i, n - i);
+  // The tail: whole vectors of 16, then single elements in float64.
+  Floats16 abs_t{}, sq_t{};
+  for (; i + 16 <= n; i += 16) add_abs_and_square(abs_t, sq_t, load16(x + i));
+  add_widened(abs_acc, abs_t);
+  add_widened(sq_acc, sq_t);
+  double abs_sum = lane_sum(abs_acc), sq_sum = lane_sum(sq_acc);
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    abs_sum += __builtin_fabs(v);
+    sq_sum += v * v;
+  }
+  // float32 squares overflow above |x| ~ 1.8e19 (and lane sums near 3.4e38),
+  // and lose bits below |x| ~ 1.1e-19, where x^2 is subnormal: at most
+  // 2^-150 per element. That loss is negligible (< 1e-8 relative) unless the
+  // sum of squares is below n * 1e-37; an all-zero run (abs_sum == 0) is exact.
+  // NaN/inf inputs land here too and get the float64 loop's answer.
+  const bool finite = __builtin_isfinite(abs_sum) && __builtin_isfinite(sq_sum);
+  const bool no_underflow_loss = sq_sum >= 1e-37 * static_cast<double>(n) || abs_sum == 0.0;
+  return {{abs_sum, sq_sum}, finite && no_underflow_loss};
+}
+
+template <typename T>
+AbsSqSums abs_sq_sums(const T* x, int64_t n, bool exact) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (!exact) {
+      const FloatBlockSums fast = abs_sq_sums_float_blocks(x, n, [](int64_t, int64_t) {});
+      if (fast.trusted) return fast.sums;
+    }
+  }
+  return abs_sq_sums_double(x, n);
+}
+
+// Gradients of float32 and the half types are computed in float32 (as torch's
+// autograd of the loop does) and rounded once to the parameter's dtype, as
+// long as both coefficients are comfortably inside float32's range
+// (coef_fits_float, penalty_math.h); otherwise in float64.
+// kScaled: the linear term is (x * linear_scale) * linear_coef (float64 only).
+template <typename T, typename Compute, bool kScaled = false>
+REGEXT_INLINE void penalty_grad_impl(const T* x, T* out, int64_t n, double sign_coef,
+                                     double linear_coef, double linear_scale, bool accumulate) {
+  const Compute s = static_cast<Compute>(sign_coef);
+  const Compute l = static_cast<Compute>(linear_coef);
+  const Compute k = static_cast<Compute>(linear_scale);
+  auto term = [&](Compute v) { return s * sign_of(v) + (kScaled ? (v * k) * l : l * v); };
+  for (int64_t begin = 0; begin < n; begin += kBlockElems) {
+    const int64_t end = begin + kBlockElems < n ? begin + kBlockElems : n;
+    prefetch_ahead(x + begin);
+    prefetch_ahead(out + begin, /*rw=*/1);
+    if (accumulate) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Compute v = static_cast<Compute>(x[i]);
+        out[i] = static_cast<T>(static_cast<Compute>(out[i]) + term(v));
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = static_cast<T>(term(static_cast<Compute>(x[i])));
+      }
+    }
+  }
+}
+
+template <typename T>
+void penalty_grad(const T* x, T* out, int64_t n, double sign_coef, double linear_coef,
+                  double linear_scale, bool accumulate) {
+  if (linear_scale != 1.0) {
+    penalty_grad_impl<T, double, true>(x, out, n, sign_coef, linear_coef, linear_scale,
+                                       accumulate);
+    return;
+  }
+  using Compute = typename ElementwiseCompute<T>::type;
+  if constexpr (!std::is_same_v<Compute, double>) {
+    if (coef_fits_float(sign_coef) && coef_fits_float(linear_coef)) {
+      penalty_grad_impl<T, Compute>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
+      return;
+    }
+  }
+  penalty_grad_impl<T, double>(x, out, n, sign_coef, linear_coef, 1.0, accumulate);
+}
+
+// abs_sq_sums and penalty_grad(accumulate) in one read of x: each float32
+// block's gradient is added right after its sums, from L1. The sums are
+// bit-identical to abs_sq_sums (same blocks, same order), the gradient to
+// penalty_grad's (it is elementwise). Where abs_sq_sums takes its float64
+// path, x is summed again from cache (the chunk is at most 256 KiB).
+template <typename T>
+AbsSqSums abs_sq_sums_add_grad(const T* x, T* g, int64_t n, bool exact, double sign_coef,
+                               double linear_coef) {
+  auto add_grad = [&](int64_t begin, int64_t length) {
+    penalty_grad<T>(x + begin, g + begin, length, sign_coef, linear_coef, 1.0,
+                    /*accumulate=*/true);
+  };
+  if constexpr (!std::is_same_v<T, double>) {
+    if (!exact) {
+      const FloatBlockSums fast = abs_sq_sums_float_blocks(x, n, add_grad);
+      return fast.trusted ? fast.sums : abs_sq_sums_double(x, n);
+    }
+  }
+  const AbsSqSums sums = abs_sq_sums_double(x, n);
+  add_grad(0, n);
+  return sums;
+}
+
+// soft_threshold (penalty_math.h) on a register of lanes, with vector selects: both
+// sides of every select are computed, which the scalar form cannot get compilers to
+// do without AVX-512 masks (a subtraction on one side only may not be speculated).
+template <typename V>
+REGEXT_INLINE V soft_threshold_lanes(V x, V t) {
+  const V zero{};
+  const V magnitude = x < zero ? -x : x;
+  const V shrunk = magnitude - t;
+  const V signed_shrunk = x < zero ? -shrunk : shrunk;
+  return magnitude <= t ? zero : signed_shrunk;
+}
+
+// fn(begin, end) over x[0, n) in blocks of kBlockElems elements, each block's
+// successor prefetched for writing first.
+template <typename T, typename Fn>
+REGEXT_INLINE void for_each_block_rw(T* x, int64_t n, Fn&& fn) {
+  for (int64_t begin = 0; begin < n; begin += kBlockElems) {
+    prefetch_ahead(x + begin, /*rw=*/1);
+    fn(begin, begin + kBlockElems < n ? begin + kBlockElems : n);
+  }
+}
+
+template <typename T>
+void soft_threshold_(T* x, int64_t n, double t) {
+  using Compute = typename ElementwiseCompute<T>::type;
+  const Compute tc = static_cast<Compute>(t);
+  for_each_block_rw(x, n, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    if constexpr (std::is_same_v<T, float>) {
+      const FloatV tv = FloatV{} + tc;
+      for (; i + kF <= end; i += kF) {
+        const FloatV r = soft_threshold_lanes(load_floats(x + i), tv);
+        __builtin_memcpy(x + i, &r, sizeof(r));
+      }
+    } else if constexpr (std::is_same_v<T, double>) {
+      const DoubleV tv = DoubleV{} + tc;
+      for (; i + kD <= end; i += kD) {
+        DoubleV v;
+        __builtin_memcpy(&v, x + i, sizeof(v));
+        const DoubleV r = soft_threshold_lanes(v, tv);
+        __builtin_memcpy(x + i, &r, sizeof(r));
+      }
+    } else {
+      const FloatV tv = FloatV{} + tc;
+      for (; i + kF <= end; i += kF) {
+        const FloatV r = soft_threshold_lanes(load_floats(x + i), tv);
+        for (int k = 0; k < kF; ++k) x[i + k] = static_cast<T>(r[k]);
+      }
+    }
+    for (; i < end; ++i) {
+      x[i] = static_cast<T>(soft_threshold<Compute>(static_cast<Compute>(x[i]), tc));
+    }
+  });
+}
+
+template <typename T>
+void scale_(T* x, int64_t n, double scale) {
+  using Compute = typename ScaleCompute<T>::type;
+  const Compute s = static_cast<Compute>(scale);
+  for_each_block_rw(x, n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      x[i] = static_cast<T>(static_cast<Compute>(x[i]) * s);
+    }
+  });
+}
+
+template <typename T>
+int64_t count_zeros(const T* x, int64_t n) {
+  int64_t zeros = 0;
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    // +-0 in both 16-bit formats: every bit but the sign is clear.
+    for (int64_t i = 0; i < n; ++i) {
+      unsigned short bits;
+      __builtin_memcpy(&bits, x + i, sizeof(bits));
+      zeros += (bits & 0x7fffu) == 0;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) zeros += is_exact_zero(x[i]);
+  }
+  return zeros;
+}
+
+template <typename T>
+constexpr LoopsFor<T> loops() {
+  return {&abs_sq_sums<T>, &abs_sq_sums_add_grad<T>, &penalty_grad<T>, &soft_threshold_<T>,
+          &scale_<T>, &count_zeros<T>};
+}
+
+constexpr VectorLoops kLoops{REGEXT_ISA_NAME, loops<float>(), loops<double>(),
+                             loops<c10::Half>(), loops<c10::BFloat16>()};
+
+}  // namespace
+}  // namespace regext::cpu::REGEXT_ISA
+
+namespace regext::cpu {
+const VectorLoops* REGEXT_ISA_LOOPS() { return &REGEXT_ISA::kLoops; }
+}  // namespace regext::cpu
+
+#undef REGEXT_INLINE

@@ -34,20 +34,21 @@ def _cases(x, g, stats):
     the yardstick's bytes)."""
     ops = torch.ops.regext
     one = torch.ones(())
+    l1, l2, zero = (torch.scalar_tensor(v, dtype=torch.float64) for v in (1e-5, 1e-4, 0.0))
     # A threshold that scales every element (a factor of exactly 1 skips the write).
-    shrink = float(stats[0, 1].sqrt()) * 1e-9
+    shrink = stats[0, 1].sqrt() * 1e-9
     return [
-        ("forward", lambda: ops.penalty_forward([x], 1e-5, 1e-4, False), 1,
+        ("forward", lambda: ops.penalty_forward([x], l1, l2, False), 1,
          "x.sum()", lambda: x.sum(), 1),
-        ("forward", lambda: ops.penalty_forward([x], 1e-5, 1e-4, False), 1,
+        ("forward", lambda: ops.penalty_forward([x], l1, l2, False), 1,
          "_foreach_norm", lambda: torch._foreach_norm([x], 2), 1),
-        ("backward (write)", lambda: ops.penalty_backward(one, [x], stats, 1e-5, 1e-4, False), 2,
+        ("backward (write)", lambda: ops.penalty_backward(one, [x], stats, l1, l2, False), 2,
          "_foreach_mul", lambda: torch._foreach_mul([x], 2.0), 2),
-        ("accumulate", lambda: ops.penalty_grad_accumulate_([g], [x], stats, 1e-5, 1e-4, False),
+        ("accumulate", lambda: ops.penalty_grad_accumulate_([g], [x], stats, l1, l2, False),
          3, "_foreach_add_", lambda: torch._foreach_add_([g], [x]), 3),
-        ("one pass (squared)", lambda: ops.penalty_forward_accumulate_([g], [x], 1e-5, 1e-4, True),
+        ("one pass (squared)", lambda: ops.penalty_forward_accumulate_([g], [x], l1, l2, True),
          3, "_foreach_add_", lambda: torch._foreach_add_([g], [x]), 3),
-        ("prox_l1_", lambda: ops.prox_l1_([x], 0.0), 2,
+        ("prox_l1_", lambda: ops.prox_l1_([x], zero), 2,
          "_foreach_mul_", lambda: torch._foreach_mul_([x], 1.0), 2),
         # Two passes: every norm before any scaling (read, then read and write).
         ("prox_group_l2_", lambda: ops.prox_group_l2_([x], shrink), 3,
@@ -65,7 +66,7 @@ def measure(sizes, rounds, clock):
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(numel, generator=gen)
             g = torch.zeros_like(x)
-            stats = torch.ops.regext.penalty_forward([x], 0.0, 0.0, False)[1]
+            stats = torch.ops.regext.penalty_forward([x], torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), False)[1]
             for name, ours, factor, yard_name, yard, yard_factor in _cases(x, g, stats):
                 tasks = {"regext": (lambda: None, lambda _, f=ours: f(), lambda _: None),
                          "torch": (lambda: None, lambda _, f=yard: f(), lambda _: None)}

@@ -10,6 +10,9 @@
 //   element i of the other.
 // - The tensors of one in-place call never share memory (the operator layer
 //   splits aliasing lists into runs, csrc/aliasing.h).
+// - Coefficients (l1, l2, thresholds) are checked 0-dim tensors on the CPU or on
+//   the parameters' device; a backend reads one where it lies, never copying it
+//   between host and device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,10 +25,10 @@ struct GradRequest {
   at::ArrayRef<at::Tensor> dense;    // parameters
   at::ArrayRef<at::Tensor> targets;  // gradients to write or add to
   const at::Tensor& stats;
-  at::ArrayRef<int64_t> rows;        // stats row of each parameter
-  const at::Tensor& grad_total;      // 0-dim, on the parameters' device
-  double l1;
-  double l2;
+  at::ArrayRef<int64_t> rows;    // stats row of each parameter
+  const at::Tensor& grad_total;  // 0-dim, on the parameters' device
+  const at::Tensor& l1;          // 0-dim coefficients: on the CPU or the
+  const at::Tensor& l2;          // parameters' device (param_checks.h)
   bool l2_squared;
   bool accumulate;  // targets[t] += ... instead of targets[t] = ...
 };
@@ -52,15 +55,16 @@ struct CpuBackend {
   static constexpr bool kSamePassSquaredAccumulate = true;
   static at::Tensor empty_like_dense(const at::Tensor& t);
   static void stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                              const at::Tensor& total, double l1, double l2, bool l2_squared);
+                              const at::Tensor& total, const at::Tensor& l1, const at::Tensor& l2,
+                              bool l2_squared);
   static void grads(const GradRequest& request);
   static void stats_total_and_accumulate_squared(at::ArrayRef<at::Tensor> dense,
                                                  at::ArrayRef<at::Tensor> targets,
                                                  const at::Tensor& stats, const at::Tensor& total,
-                                                 double l1, double l2);
-  static void prox_l1(at::ArrayRef<at::Tensor> dense, double threshold);
+                                                 const at::Tensor& l1, const at::Tensor& l2);
+  static void prox_l1(at::ArrayRef<at::Tensor> dense, const at::Tensor& threshold);
   static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                            double threshold);
+                            const at::Tensor& threshold);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
 };
 
@@ -68,11 +72,12 @@ struct CudaBackend {
   static constexpr bool kSamePassSquaredAccumulate = false;
   static at::Tensor empty_like_dense(const at::Tensor& t);
   static void stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                              const at::Tensor& total, double l1, double l2, bool l2_squared);
+                              const at::Tensor& total, const at::Tensor& l1, const at::Tensor& l2,
+                              bool l2_squared);
   static void grads(const GradRequest& request);
-  static void prox_l1(at::ArrayRef<at::Tensor> dense, double threshold);
+  static void prox_l1(at::ArrayRef<at::Tensor> dense, const at::Tensor& threshold);
   static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                            double threshold);
+                            const at::Tensor& threshold);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
 };
 

@@ -17,8 +17,7 @@
 namespace regext {
 
 inline bool is_supported_dtype(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf ||
-         t == c10::kBFloat16;
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
 }
 
 // The device of a list's first tensor; a list must not be empty.
@@ -33,19 +32,34 @@ inline void check_tensor_list(const char* op, const char* arg, at::TensorList te
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_TYPE(t.defined(), op, ": ", arg, "[", i, "] is an undefined tensor");
-    TORCH_CHECK_TYPE(t.layout() == c10::kStrided, op, ": ", arg, "[", i,
-                     "] has layout ", t.layout(), "; only strided (dense) tensors are supported");
-    TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", arg, "[", i, "] has dtype ",
-                     t.scalar_type(),
-                     "; expected a real floating-point dtype (float16, bfloat16, float32, float64)");
-    TORCH_CHECK(t.device() == device, op, ": ", arg, "[", i, "] is on ", t.device(),
-                " but ", arg, "[0] is on ", device, "; call once per device");
+    TORCH_CHECK_TYPE(t.layout() == c10::kStrided, op, ": ", arg, "[", i, "] has layout ",
+                     t.layout(), "; only strided (dense) tensors are supported");
+    TORCH_CHECK_TYPE(
+        is_supported_dtype(t.scalar_type()), op, ": ", arg, "[", i, "] has dtype ", t.scalar_type(),
+        "; expected a real floating-point dtype (float16, bfloat16, float32, float64)");
+    TORCH_CHECK(t.device() == device, op, ": ", arg, "[", i, "] is on ", t.device(), " but ", arg,
+                "[0] is on ", device, "; call once per device");
   }
 }
 
-inline void check_coefficient(const char* op, const char* name, double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, op, ": ", name,
-                    " must be a finite number >= 0, got ", value);
+// A coefficient or threshold: a 0-dim real floating-point tensor on the CPU or on
+// the parameters' device. A CPU value must be finite and >= 0 (reading it costs
+// no synchronization); a value on the device is used as it is, since reading it
+// would synchronize with the device (regext.fused_penalty's docstring says what
+// an invalid one does).
+inline void check_coefficient(const char* op, const char* name, const at::Tensor& c,
+                              c10::Device device) {
+  TORCH_CHECK_TYPE(c.defined() && c.dim() == 0 && is_supported_dtype(c.scalar_type()), op, ": ",
+                   name, " must be a 0-dim float16, bfloat16, float32 or float64 tensor, got ",
+                   c.defined() ? c.toString() : "an undefined tensor", " of shape ",
+                   c.defined() ? c.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(c.device().is_cpu() || c.device() == device, op, ": ", name, " is on ", c.device(),
+              " but the parameters are on ", device, "; put it on the CPU or on ", device);
+  if (c.device().is_cpu()) {
+    const double value = c.item<double>();
+    TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, op, ": ", name,
+                      " must be a finite number >= 0, got ", value);
+  }
 }
 
 // A list that is about to be written in place: every tensor passes before
@@ -59,11 +73,12 @@ inline c10::Device check_mutable_list(const char* op, at::TensorList params) {
 
 // `stats` must be an [n, 2] float64 tensor as penalty_forward produces it.
 inline void check_stats(const char* op, const at::Tensor& stats, c10::Device device) {
-  TORCH_CHECK(stats.scalar_type() == c10::kDouble && stats.dim() == 2 &&
-                  stats.size(1) == 2 && stats.is_contiguous(),
-              op, ": stats must be a contiguous float64 tensor of shape [n, 2] "
-              "(as returned by penalty_forward), got dtype ", stats.scalar_type(),
-              " and shape ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == c10::kDouble && stats.dim() == 2 && stats.size(1) == 2 &&
+                  stats.is_contiguous(),
+              op,
+              ": stats must be a contiguous float64 tensor of shape [n, 2] "
+              "(as returned by penalty_forward), got dtype ",
+              stats.scalar_type(), " and shape ", stats.sizes());
   TORCH_CHECK(stats.device() == device, op, ": stats is on ", stats.device(),
               " but the parameters are on ", device);
 }
@@ -84,8 +99,8 @@ inline std::vector<int64_t> resolve_stats_rows(const char* op,
                                                int64_t num_params, int64_t num_rows) {
   std::vector<int64_t> rows(num_params);
   if (!stats_rows.has_value()) {
-    TORCH_CHECK(num_rows == num_params, op, ": stats has ", num_rows,
-                " rows but there are ", num_params, " params (pass stats_rows for a subset)");
+    TORCH_CHECK(num_rows == num_params, op, ": stats has ", num_rows, " rows but there are ",
+                num_params, " params (pass stats_rows for a subset)");
     for (int64_t t = 0; t < num_params; ++t) rows[t] = t;
     return rows;
   }

@@ -18,26 +18,27 @@
 
 namespace regext {
 
-inline void check_coefficients(const char* op, double l1, double l2) {
-  check_coefficient(op, "l1", l1);
-  check_coefficient(op, "l2", l2);
+inline void check_coefficients(const char* op, const at::Tensor& l1, const at::Tensor& l2,
+                               c10::Device device) {
+  check_coefficient(op, "l1", l1, device);
+  check_coefficient(op, "l2", l2, device);
 }
 
 // The forward's outputs: float64 [n, 2] stats and the 0-dim total.
 inline std::tuple<at::Tensor, at::Tensor> empty_stats_and_total(at::TensorList params,
-                                                                 c10::Device device) {
+                                                                c10::Device device) {
   const auto options = at::TensorOptions().device(device);
-  return {at::empty({static_cast<int64_t>(params.size()), kStatsColumns},
-                    options.dtype(at::kDouble)),
-          at::empty({}, options.dtype(result_dtype(params)))};
+  return {
+      at::empty({static_cast<int64_t>(params.size()), kStatsColumns}, options.dtype(at::kDouble)),
+      at::empty({}, options.dtype(result_dtype(params)))};
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, double l1, double l2,
-                                                   bool l2_squared) {
+std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, const at::Tensor& l1,
+                                                   const at::Tensor& l2, bool l2_squared) {
   constexpr const char* op = "regext::penalty_forward";
-  check_coefficients(op, l1, l2);
   const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
   check_tensor_list(op, "params", params, device);
   auto [stats, total] = empty_stats_and_total(params, device);
   Backend::stats_and_total(as_dense(params), stats, total, l1, l2, l2_squared);
@@ -46,17 +47,17 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, double
 
 template <typename Backend>
 std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::TensorList params,
-                                         const at::Tensor& stats, double l1, double l2,
-                                         bool l2_squared,
+                                         const at::Tensor& stats, const at::Tensor& l1,
+                                         const at::Tensor& l2, bool l2_squared,
                                          c10::OptionalArrayRef<int64_t> stats_rows) {
   constexpr const char* op = "regext::penalty_backward";
-  check_coefficients(op, l1, l2);
   const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
   check_tensor_list(op, "params", params, device);
   check_stats(op, stats, device);
   check_grad_total(op, grad_total, device);
-  const std::vector<int64_t> rows = resolve_stats_rows(
-      op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
+  const std::vector<int64_t> rows =
+      resolve_stats_rows(op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
 
   const std::vector<at::Tensor> dense = as_dense(params);
   // A dense parameter's gradient gets its memory layout (channels-last stays
@@ -87,9 +88,9 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
 // gradient listed twice receives both updates and is never raced on.
 template <typename Backend>
 void accumulate_grads(c10::Device device, at::TensorList grads,
-                      const std::vector<at::Tensor>& dense,
-                      const std::vector<at::Tensor>& targets, const at::Tensor& stats,
-                      at::ArrayRef<int64_t> rows, double l1, double l2, bool l2_squared) {
+                      const std::vector<at::Tensor>& dense, const std::vector<at::Tensor>& targets,
+                      const at::Tensor& stats, at::ArrayRef<int64_t> rows, const at::Tensor& l1,
+                      const at::Tensor& l2, bool l2_squared) {
   const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
   const std::vector<size_t> runs = alias_free_runs(grads);
   for (size_t r = 0; r + 1 < runs.size(); ++r) {
@@ -105,19 +106,19 @@ void accumulate_grads(c10::Device device, at::TensorList grads,
 }
 
 template <typename Backend>
-void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
-                              const at::Tensor& stats, double l1, double l2, bool l2_squared,
+void penalty_grad_accumulate_(at::TensorList grads, at::TensorList params, const at::Tensor& stats,
+                              const at::Tensor& l1, const at::Tensor& l2, bool l2_squared,
                               c10::OptionalArrayRef<int64_t> stats_rows) {
   constexpr const char* op = "regext::penalty_grad_accumulate_";
-  check_coefficients(op, l1, l2);
   const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
   check_grads_for(op, grads, params, device);
   check_stats(op, stats, device);
-  const std::vector<int64_t> rows = resolve_stats_rows(
-      op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
+  const std::vector<int64_t> rows =
+      resolve_stats_rows(op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
   const std::vector<at::Tensor> dense = as_dense(params);
-  accumulate_grads<Backend>(device, grads, dense, accumulate_targets(grads, dense), stats, rows,
-                            l1, l2, l2_squared);
+  accumulate_grads<Backend>(device, grads, dense, accumulate_targets(grads, dense), stats, rows, l1,
+                            l2, l2_squared);
 }
 
 // True when the gradients can be updated while the parameters are still
@@ -135,11 +136,13 @@ inline bool can_update_while_reading(at::TensorList grads, const std::vector<at:
 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> penalty_forward_accumulate_(at::TensorList grads,
-                                                               at::TensorList params, double l1,
-                                                               double l2, bool l2_squared) {
+                                                               at::TensorList params,
+                                                               const at::Tensor& l1,
+                                                               const at::Tensor& l2,
+                                                               bool l2_squared) {
   constexpr const char* op = "regext::penalty_forward_accumulate_";
-  check_coefficients(op, l1, l2);
   const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
   check_grads_for(op, grads, params, device);
   auto [stats, total] = empty_stats_and_total(params, device);
   const std::vector<at::Tensor> dense = as_dense(params);

@@ -32,25 +32,26 @@ void update_in_place(at::TensorList params, Update&& update) {
 }
 
 template <typename Backend>
-void prox_l1_(at::TensorList params, double threshold) {
+void prox_l1_(at::TensorList params, const at::Tensor& threshold) {
   constexpr const char* op = "regext::prox_l1_";
-  check_coefficient(op, "threshold", threshold);
-  check_mutable_list(op, params);
-  update_in_place(params,
-                  [&](const std::vector<at::Tensor>& dense) { Backend::prox_l1(dense, threshold); });
+  check_coefficient(op, "threshold", threshold, check_mutable_list(op, params));
+  update_in_place(
+      params, [&](const std::vector<at::Tensor>& dense) { Backend::prox_l1(dense, threshold); });
 }
 
 template <typename Backend>
-void prox_group_l2_(at::TensorList params, double threshold) {
+void prox_group_l2_(at::TensorList params, const at::Tensor& threshold) {
   constexpr const char* op = "regext::prox_group_l2_";
-  check_coefficient(op, "threshold", threshold);
-  const auto options = at::TensorOptions().device(check_mutable_list(op, params));
+  const c10::Device device = check_mutable_list(op, params);
+  check_coefficient(op, "threshold", threshold, device);
+  const auto options = at::TensorOptions().device(device);
+  const at::Tensor zero = at::zeros({}, at::kDouble);  // no total is needed
   update_in_place(params, [&](const std::vector<at::Tensor>& dense) {
     // The norms come from penalty_forward's own stats pass (float64 sums).
-    const at::Tensor stats = at::empty({static_cast<int64_t>(dense.size()), kStatsColumns},
-                                       options.dtype(at::kDouble));
+    const at::Tensor stats =
+        at::empty({static_cast<int64_t>(dense.size()), kStatsColumns}, options.dtype(at::kDouble));
     const at::Tensor unused_total = at::empty({}, options.dtype(at::kDouble));
-    Backend::stats_and_total(dense, stats, unused_total, 0.0, 0.0, false);
+    Backend::stats_and_total(dense, stats, unused_total, zero, zero, false);
     Backend::prox_group_l2(dense, stats, threshold);
   });
 }

@@ -18,31 +18,34 @@
 
 namespace regext {
 
+// Coefficients and thresholds are 0-dim tensors (float16 to float64) on the CPU or on
+// the parameters' device, so that a changing value neither recompiles a compiled
+// step nor synchronizes with a GPU; the Python API turns numbers into them.
 inline void define_operators(torch::Library& m) {
   // l1 * sum ||p||_1 + l2 * sum ||p||_2 (or ||p||_2^2) in one read: the 0-dim total
   // (float64 if any parameter is float64, else float32) and float64 stats
   // [len(params), 2] = (sum |x|, sum x^2) per tensor (regext.fused_penalty).
   m.def(
-      "penalty_forward(Tensor[] params, float l1, float l2, bool l2_squared)"
+      "penalty_forward(Tensor[] params, Tensor l1, Tensor l2, bool l2_squared)"
       " -> (Tensor total, Tensor stats)");
   // grad_total * d(penalty)/d(params[t]) from the stats, one pass; params[t] uses
   // stats row stats_rows[t] (default t). Gradients have their parameter's dtype and layout.
   m.def(
-      "penalty_backward(Tensor grad_total, Tensor[] params, Tensor stats, float l1,"
-      " float l2, bool l2_squared, int[]? stats_rows=None) -> Tensor[]");
+      "penalty_backward(Tensor grad_total, Tensor[] params, Tensor stats, Tensor l1,"
+      " Tensor l2, bool l2_squared, int[]? stats_rows=None) -> Tensor[]");
   // grads[t] += d(penalty)/d(params[t]) in list order (regext.add_penalty_grad_).
   m.def(
       "penalty_grad_accumulate_(Tensor(a!)[] grads, Tensor[] params, Tensor stats,"
-      " float l1, float l2, bool l2_squared, int[]? stats_rows=None) -> ()");
+      " Tensor l1, Tensor l2, bool l2_squared, int[]? stats_rows=None) -> ()");
   // penalty_forward, then penalty_grad_accumulate_ with its stats; one read of each
   // parameter in the squared form where the backend can (not differentiable).
   m.def(
-      "penalty_forward_accumulate_(Tensor(a!)[] grads, Tensor[] params, float l1, float l2,"
+      "penalty_forward_accumulate_(Tensor(a!)[] grads, Tensor[] params, Tensor l1, Tensor l2,"
       " bool l2_squared) -> (Tensor total, Tensor stats)");
   // Soft-thresholding in place, in list order (regext.prox_l1_).
-  m.def("prox_l1_(Tensor(a!)[] params, float threshold) -> ()");
+  m.def("prox_l1_(Tensor(a!)[] params, Tensor threshold) -> ()");
   // Per-tensor group shrinkage in place, in list order (regext.prox_group_l2_).
-  m.def("prox_group_l2_(Tensor(a!)[] params, float threshold) -> ()");
+  m.def("prox_group_l2_(Tensor(a!)[] params, Tensor threshold) -> ()");
   // int64 [len(params)]: elements equal to +0 or -0 per tensor (regext.sparsity_report).
   m.def("count_zeros(Tensor[] params) -> Tensor");
 }

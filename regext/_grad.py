@@ -1,33 +1,119 @@
 """The gradient of the penalty for autograd, shared by both autograd Functions
-(regext.penalty for plain tensors, regext.distributed for DTensor shards)."""
+(regext.penalty for plain tensors, regext.distributed for DTensor shards).
+
+A plain backward is one penalty_backward call, from the forward's float64 sums.
+With ``create_graph=True`` (gradient penalties, Hessian-vector products) it is the
+same call wrapped in PenaltyGrad, whose own backward is the exact second
+derivative: the first derivative keeps the plain backward's accuracy and range,
+and differentiating it again is exact too.
+"""
 
 import torch
 
 
-def backward_grads(grad_total, params, stats, rows, l1, l2, l2_squared):
+def backward_grads(grad_total, params, stats, rows, l1, l2, l2_squared, reduce_dots=None):
     """``grad_total * d(penalty)/d(params[i])`` for every tensor of `params`, whose
-    sums are row ``rows[i]`` of `stats` (None: row i).
+    sums are row ``rows[i]`` of `stats` (rows None: row i).
 
-    With grad mode off (a plain backward): one penalty_backward call, from the
-    forward's float64 sums. With grad mode on (``create_graph=True``): built from
-    differentiable torch ops, so that second derivatives are exact.
+    `reduce_dots`, for shards of larger tensors (regext.distributed), sums a float64
+    [len(params), 2] tensor of per-tensor dot products across ranks, in place; the
+    second derivative needs them over the whole tensors.
     """
-    if torch.is_grad_enabled():
-        return [differentiable_grad(grad_total, p, l1, l2, l2_squared) for p in params]
     if not params:
         return []
+    if torch.is_grad_enabled():
+        return list(PenaltyGrad.apply(l1, l2, l2_squared, rows, reduce_dots, grad_total, stats,
+                                      *params))
     return list(torch.ops.regext.penalty_backward(grad_total, params, stats, l1, l2, l2_squared,
                                                   rows))
 
 
-def differentiable_grad(grad_total, p, l1, l2, l2_squared):
-    """d(penalty)/dp * grad_total as a differentiable expression (double backward)."""
-    x = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-    if l2_squared:
-        linear = 2.0 * x
+def coefficient_grads(ctx_needs, grad_total, stats, params, l2_squared):
+    """Gradients of the penalty with respect to l1 and l2 (None where not needed):
+    the summed L1 norms and the summed L2 terms, times grad_total. From the float64
+    stats, or, with grad mode on and plain `params` given, recomputed
+    differentiably from them."""
+    need_l1, need_l2 = ctx_needs
+    if not (need_l1 or need_l2):
+        return None, None
+    if torch.is_grad_enabled() and params is not None:
+        xs = [p.to(torch.float64) for p in params]
+        sum_l1 = sum((x.abs().sum() for x in xs), torch.zeros((), dtype=torch.float64))
+        terms = (x.pow(2).sum() if l2_squared else torch.linalg.vector_norm(x) for x in xs)
+        sum_l2 = sum(terms, torch.zeros((), dtype=torch.float64))
     else:
-        norm = torch.linalg.vector_norm(x)
-        # x / ||x||, and 0 for an all-zero tensor; the guarded denominator keeps
-        # the second derivative free of 0/0 there. A NaN norm stays NaN.
-        linear = x / torch.where(norm == 0, torch.ones_like(norm), norm)
-    return (grad_total.to(x.dtype) * (l1 * torch.sign(x) + l2 * linear)).to(p.dtype)
+        sum_l1 = stats[:, 0].sum()
+        sum_l2 = (stats[:, 1] if l2_squared else stats[:, 1].sqrt()).sum()
+    g = grad_total.to(torch.float64)
+    return (g * sum_l1 if need_l1 else None), (g * sum_l2 if need_l2 else None)
+
+
+class PenaltyGrad(torch.autograd.Function):
+    """The penalty's gradient (penalty_backward) as a differentiable function.
+
+    forward: the kernel's gradients, ``grad_total * (l1 sign(x) + l2 x / ||x||)``
+    (or ``+ 2 l2 x``), from the float64 norms in `stats`.
+    backward: for each tensor and incoming v, the Hessian-vector product
+        grad_total * l2 * (v - u <u, v>) / ||x||,   u = x / ||x||   (Euclidean)
+        grad_total * 2 * l2 * v                                     (squared)
+    (sign(x) is flat), 0 where ||x|| = 0 (the norm has no second derivative
+    there; 0 matches the zero first derivative), NaN where the norm is NaN; and
+    for grad_total, l1 and l2 the dot products of v with their derivatives. The
+    dot products are float64 sums over the whole tensors (reduce_dots, for shards).
+    """
+
+    @staticmethod
+    def forward(ctx, l1, l2, l2_squared, rows, reduce_dots, grad_total, stats, *params):
+        grads = torch.ops.regext.penalty_backward(grad_total, list(params), stats, l1, l2,
+                                                  l2_squared, rows)
+        ctx.save_for_backward(grad_total, stats, l1, l2, *params)
+        ctx.l2_squared, ctx.rows, ctx.reduce_dots = l2_squared, rows, reduce_dots
+        return tuple(grads)
+
+    @staticmethod
+    def backward(ctx, *vs):
+        grad_total, stats, l1, l2, *params = ctx.saved_tensors
+        # The norms of these tensors, gathered by views (a list index would copy it to
+        # the device from the host).
+        norms = (stats[:, 1] if ctx.rows is None
+                 else torch.stack([stats[r, 1] for r in ctx.rows])).sqrt()
+        # Per tensor: <sign x, v> and <x, v>, in float64.
+        dots = torch.zeros((len(params), 2), dtype=torch.float64, device=stats.device)
+        for i, (x, v) in enumerate(zip(params, vs)):
+            if v is not None:
+                x64, v64 = x.to(torch.float64), v.to(torch.float64)
+                dots[i, 0] = (x64.sign() * v64).sum()
+                dots[i, 1] = (x64 * v64).sum()
+        if ctx.reduce_dots is not None:
+            dots = ctx.reduce_dots(dots)
+        g = grad_total.to(torch.float64)
+        l1_64, l2_64 = l1.to(stats.device, torch.float64), l2.to(stats.device, torch.float64)
+        positive = norms > 0
+        safe = torch.where(positive, norms, torch.ones_like(norms))
+        if ctx.l2_squared:
+            linear_dots = 2.0 * dots[:, 1]
+        else:
+            linear_dots = torch.where(positive, dots[:, 1] / safe, torch.zeros_like(norms))
+        hvps = []
+        for i, (x, v) in enumerate(zip(params, vs)):
+            if v is None or not ctx.needs_input_grad[7 + i]:
+                hvps.append(None)
+                continue
+            v64 = v.to(torch.float64)
+            if ctx.l2_squared:
+                hv = g * (2.0 * l2_64) * v64
+            else:
+                u = x.to(torch.float64) / safe[i]              # |u| <= 1: no overflow
+                hv = g * l2_64 * (v64 - u * (dots[i, 1] / safe[i])) / safe[i]
+                hv = torch.where(positive[i], hv, torch.zeros_like(hv))  # NaN norms stay NaN
+                hv = torch.where(norms[i].isnan(), torch.full_like(hv, float("nan")), hv)
+            hvps.append(hv.to(x.dtype))
+        d_grad_total = d_l1 = d_l2 = None
+        if ctx.needs_input_grad[5]:
+            d_grad_total = (l1_64 * dots[:, 0].sum() + l2_64 * linear_dots.sum()).to(
+                grad_total.dtype)
+        if ctx.needs_input_grad[0]:
+            d_l1 = (g * dots[:, 0].sum()).to(l1.device, l1.dtype)
+        if ctx.needs_input_grad[1]:
+            d_l2 = (g * linear_dots.sum()).to(l2.device, l2.dtype)
+        return (d_l1, d_l2, None, None, None, d_grad_total, None, *hvps)

@@ -12,14 +12,21 @@ def result_dtype(params):
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def _device_of(params):
+def _device_of(params, **coefficients):
+    """The parameters' device; coefficients must be on the CPU or on it (as the
+    kernels check: a tensor on another device would otherwise route the call here)."""
     torch._check(len(params) > 0, lambda: "regext: params must not be empty")
-    return params[0].device
+    device = params[0].device
+    for name, c in coefficients.items():
+        torch._check(c.device.type == "cpu" or c.device == device,
+                     lambda: f"regext: {name} is on {c.device} but the parameters are on "
+                             f"{device}; put it on the CPU or on {device}")
+    return device
 
 
 @torch.library.register_fake("regext::penalty_forward")
 def _penalty_forward_fake(params, l1, l2, l2_squared):
-    device = _device_of(params)
+    device = _device_of(params, l1=l1, l2=l2)
     total = torch.empty((), dtype=result_dtype(params), device=device)
     stats = torch.empty((len(params), 2), dtype=torch.float64, device=device)
     return total, stats
@@ -27,13 +34,14 @@ def _penalty_forward_fake(params, l1, l2, l2_squared):
 
 @torch.library.register_fake("regext::penalty_backward")
 def _penalty_backward_fake(grad_total, params, stats, l1, l2, l2_squared, stats_rows=None):
+    _device_of(params, l1=l1, l2=l2)
     # The kernels allocate each gradient with empty_like(param), as here.
     return [torch.empty_like(p) for p in params]
 
 
 @torch.library.register_fake("regext::penalty_grad_accumulate_")
 def _penalty_grad_accumulate_fake(grads, params, stats, l1, l2, l2_squared, stats_rows=None):
-    return None
+    _device_of(params, l1=l1, l2=l2)
 
 
 @torch.library.register_fake("regext::penalty_forward_accumulate_")
@@ -43,12 +51,12 @@ def _penalty_forward_accumulate_fake(grads, params, l1, l2, l2_squared):
 
 @torch.library.register_fake("regext::prox_l1_")
 def _prox_l1_fake(params, threshold):
-    return None
+    _device_of(params, threshold=threshold)
 
 
 @torch.library.register_fake("regext::prox_group_l2_")
 def _prox_group_l2_fake(params, threshold):
-    return None
+    _device_of(params, threshold=threshold)
 
 
 @torch.library.register_fake("regext::count_zeros")

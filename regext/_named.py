@@ -18,6 +18,7 @@ def named_tensors(func: str, source, *, require_names: bool = False) -> list:
     submodules (tied weights) appears once. Element checks are those of
     ``materialize_params`` (TypeError naming the position).
     """
+    named = True  # whether errors can name the tensors
     if isinstance(source, torch.nn.Module):
         items = list(source.named_parameters())
     else:
@@ -29,15 +30,15 @@ def named_tensors(func: str, source, *, require_names: bool = False) -> list:
             raise TypeError(f"{func}: expected an nn.Module or an iterable of (name, tensor) "
                             f"pairs{'' if require_names else ' or of tensors'}, "
                             f"got {type(source).__name__}") from None
-        if items and all(_is_named_pair(item) for item in items):
-            pass
-        elif require_names:
+        if require_names:
             for i, item in enumerate(items):
                 if not _is_named_pair(item):
                     raise TypeError(
                         f"{func}: element {i} is a {type(item).__name__}, not a (name, tensor) "
                         f"pair; pass a module or module.named_parameters()")
-        else:
+        elif not (items and all(_is_named_pair(item) for item in items)):
             items = [(str(i), p) for i, p in enumerate(items)]
-    materialize_params(func, [p for _, p in items])
+            named = False
+    materialize_params(func, [p for _, p in items],
+                       names=[n for n, _ in items] if named else None)
     return items

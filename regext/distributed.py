@@ -51,8 +51,9 @@ rows never leave the device, and the collective is the only communication.
 import torch
 
 from regext._dtensor import dtensor_type, has_dtensor, local_of
-from regext._grad import backward_grads
+from regext._grad import backward_grads, coefficient_grads
 from regext._meta import result_dtype
+from regext._validation import coefficient, label
 from regext.reference import group_shrink_scale_reference
 
 __all__ = [
@@ -94,15 +95,15 @@ class Plan:
         self.layouts = layouts          # per caller position: (mesh, placements, shape, stride) or None
 
 
-def _shard_dims(func, i, p):
-    """Mesh dimensions along which DTensor `p` (the caller's params[i]) is split."""
+def _shard_dims(func, what, p):
+    """Mesh dimensions along which DTensor `p` (the caller's `what`) is split."""
     dims = []
     for d, placement in enumerate(p.placements):
         if placement.is_replicate():
             continue
         if placement.is_partial():
             raise NotImplementedError(
-                f"{func}: params[{i}] has placement {placement} on mesh dimension {d}: "
+                f"{func}: {what} has placement {placement} on mesh dimension {d}: "
                 f"a Partial DTensor holds pending sums, not values, and its norm cannot be "
                 f"computed from local shards; redistribute it (e.g. to Replicate) first")
         # Shard(d), _StridedShard (FSDP2 + TP) and any other split of the data.
@@ -115,7 +116,7 @@ def _world_spanning(mesh) -> bool:
     return mesh.mesh.numel() == dist.get_world_size()
 
 
-def _locals_and_layouts(func, params):
+def _locals_and_layouts(func, params, names):
     """Each parameter's local tensor and layout, and which are sharded."""
     dtensor = dtensor_type()
     local, layouts, kept = [], [], []
@@ -125,10 +126,11 @@ def _locals_and_layouts(func, params):
             mesh = p.device_mesh
             coordinate = mesh.get_coordinate()
             if coordinate is None:
-                raise ValueError(f"{func}: params[{i}] lives on a device mesh that does "
+                raise ValueError(f"{func}: {label('params', i, names)} lives on a device mesh "
+                                 f"that does "
                                  f"not include this rank ({mesh}); call the penalty on "
                                  f"the ranks of the parameter's mesh only")
-            dims = _shard_dims(func, i, p)
+            dims = _shard_dims(func, label("params", i, names), p)
             with torch.no_grad():  # the local tensor itself, no autograd view
                 local.append(p.to_local())
             layouts.append((mesh, tuple(p.placements), p.shape, p.stride()))
@@ -179,9 +181,10 @@ def _world_reduction(func, sharded, meshes):
     return [e[0] for _, e in keyed], zero_ranges
 
 
-def make_plan(func, params) -> Plan:
-    """The Plan of a list of tensors and DTensors (see Plan); no communication."""
-    local, layouts, sharded, kept = _locals_and_layouts(func, params)
+def make_plan(func, params, names=None) -> Plan:
+    """The Plan of a list of tensors and DTensors (see Plan); no communication.
+    `names` name the parameters in errors."""
+    local, layouts, sharded, kept = _locals_and_layouts(func, params, names)
     group, reduced, zero_ranges = None, [], []
     if sharded:
         meshes = []
@@ -216,7 +219,7 @@ def reduce_rows(plan: Plan, stats: torch.Tensor) -> torch.Tensor:
     return stats
 
 
-def _plan_stats(plan: Plan, l1: float, l2: float, l2_squared: bool) -> torch.Tensor:
+def _plan_stats(plan: Plan, l1, l2, l2_squared: bool) -> torch.Tensor:
     """Global stats rows in plan order (float64 [n, 2] on the local device)."""
     _, stats = torch.ops.regext.penalty_forward(plan.local, l1, l2, l2_squared)
     return reduce_rows(plan, stats)
@@ -232,7 +235,7 @@ def total_from_stats(stats, l1, l2, l2_squared=False, dtype=torch.float32):
     return (l1 * stats[:, 0].sum() + l2 * l2_terms.sum()).to(dtype)
 
 
-def global_stats(params, *, func="regext"):
+def global_stats(params, *, func="regext", names=None):
     """Per-tensor global ``(sum|x|, sum x^2)`` of a list of tensors and DTensors.
 
     Returns ``(local, stats)``: ``local[i]`` is params[i]'s local tensor (the
@@ -246,8 +249,9 @@ def global_stats(params, *, func="regext"):
     params = list(params)
     if not params:
         return [], torch.zeros((0, 2), dtype=torch.float64)
-    plan = make_plan(func, params)
-    stats = _plan_stats(plan, 0.0, 0.0, False)
+    plan = make_plan(func, params, names)
+    zero = torch.zeros((), dtype=torch.float64)
+    stats = _plan_stats(plan, zero, zero, False)
     return _unpermute_local(plan), unpermute_rows(plan, stats)
 
 
@@ -305,45 +309,53 @@ class _ShardedPenalty(torch.autograd.Function):
         total = total_from_stats(stats, l1, l2, l2_squared, result_dtype(params))
         plan.local = None  # not kept alive by the graph; backward re-reads the params
         ctx.plan = plan
-        ctx.coefficients = (l1, l2, l2_squared)
-        ctx.save_for_backward(stats, *params)
+        ctx.l2_squared = l2_squared
+        ctx.save_for_backward(stats, l1, l2, *params)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        stats, *params = ctx.saved_tensors
+        stats, l1, l2, *params = ctx.saved_tensors
         plan = ctx.plan
         needed = ctx.needs_input_grad[4:]
         grads = [None] * len(params)
-        rows = [j for j, i in enumerate(plan.order) if needed[i]]
         if torch.is_grad_enabled():
-            # create_graph=True: differentiable torch ops (DTensor ops for DTensors,
-            # which reduce per tensor) so that second derivatives are exact.
-            subset = backward_grads(grad_total, [params[plan.order[j]] for j in rows], None,
-                                    None, *ctx.coefficients)
+            # create_graph=True: the kernel's gradient of every local tensor, reached
+            # differentiably (to_local, from_local), whose second derivative sums its
+            # dot products across ranks with the forward's plan.
+            local = [p.to_local() if layout is not None else p
+                     for p, layout in ((params[i], plan.layouts[i]) for i in plan.order)]
+            subset = backward_grads(grad_total, local, stats, None, l1, l2, ctx.l2_squared,
+                                    reduce_dots=lambda dots: reduce_rows(plan, dots))
+            chosen = list(enumerate(plan.order))
         else:
             # The local tensors again from the saved parameters (not kept from the
             # forward), so autograd's saved-tensor checks cover them.
+            rows = [j for j, i in enumerate(plan.order) if needed[i]]
             subset = backward_grads(grad_total, [local_of(params[plan.order[j]]) for j in rows],
-                                    select_rows(stats, rows), None, *ctx.coefficients)
-        for j, g in zip(rows, subset):
-            i = plan.order[j]
-            layout = plan.layouts[i]
-            if torch.is_grad_enabled() and layout is not None and tuple(g.placements) != layout[1]:
-                # DTensor's sharding propagation may pick another layout.
-                g = g.redistribute(layout[0], layout[1])
-            grads[i] = g if torch.is_grad_enabled() else _as_grad(g, layout)
-        return (None, None, None, None, *grads)
+                                    select_rows(stats, rows), None, l1, l2, ctx.l2_squared)
+            chosen = [(j, plan.order[j]) for j in rows]
+        for (j, i), g in zip(chosen, subset):
+            if needed[i]:
+                grads[i] = _as_grad(g, plan.layouts[i])
+        d_l1, d_l2 = coefficient_grads(ctx.needs_input_grad[1:3], grad_total, stats, None,
+                                       ctx.l2_squared)
+        if d_l1 is not None:
+            d_l1 = d_l1.to(l1.device, l1.dtype)
+        if d_l2 is not None:
+            d_l2 = d_l2.to(l2.device, l2.dtype)
+        return (None, d_l1, d_l2, None, *grads)
 
 
-def fused_penalty_dtensor(params, l1, l2, l2_squared):
+def fused_penalty_dtensor(params, l1, l2, l2_squared, *, func="fused_penalty", names=None):
     """fused_penalty for a checked, non-empty list containing DTensors."""
-    plan = make_plan("fused_penalty", params)
+    l1, l2 = coefficient(func, "l1", l1), coefficient(func, "l2", l2)
+    plan = make_plan(func, params, names)
     return _ShardedPenalty.apply(plan, l1, l2, l2_squared, *params)
 
 
 def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
-                              func="add_penalty_grad_"):
+                              func="add_penalty_grad_", names=None, check=None):
     """``p.grad += d(penalty)/dp`` for every parameter that requires grad; DTensors allowed.
 
     For the public ``add_penalty_grad_`` to call on a checked list that holds
@@ -351,12 +363,14 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
     placements for a DTensor parameter); an existing DTensor gradient must have its
     parameter's placements (FSDP2's do) and is updated in its local tensor.
     One all_reduce if any parameter is sharded. Returns the penalty value (a plain
-    0-dim tensor, no autograd graph), the same on every rank.
+    0-dim tensor, no autograd graph), the same on every rank. `names` name the
+    parameters in errors; check(total), if given, runs before any gradient is touched.
     """
     params = list(params)
     if not params:
         return torch.zeros(())
-    plan = make_plan(func, params)
+    l1, l2 = coefficient(func, "l1", l1), coefficient(func, "l2", l2)
+    plan = make_plan(func, params, names)
     rows = [j for j, i in enumerate(plan.order) if params[i].requires_grad]
     dtensor = dtensor_type()
     for j in rows:  # every check before anything is sent or written
@@ -366,17 +380,19 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
             continue
         if layout is None:
             if dtensor is not None and isinstance(grad, dtensor):
-                raise ValueError(f"{func}: params[{i}] is a plain tensor but its .grad is "
-                                 f"a DTensor")
+                raise ValueError(f"{func}: {label('params', i, names)} is a plain tensor but "
+                                 f"its .grad is a DTensor")
         elif (not isinstance(grad, dtensor) or tuple(grad.placements) != layout[1]
               or grad.device_mesh != layout[0]):
             got = (f"placements {tuple(grad.placements)} on {grad.device_mesh}"
                    if isinstance(grad, dtensor) else f"a plain {type(grad).__name__}")
-            raise ValueError(f"{func}: params[{i}].grad must be a DTensor with the "
-                             f"parameter's placements {layout[1]} on {layout[0]}, got {got}")
+            raise ValueError(f"{func}: {label('params', i, names)}.grad must be a DTensor with "
+                             f"the parameter's placements {layout[1]} on {layout[0]}, got {got}")
     with torch.no_grad():
         stats = _plan_stats(plan, l1, l2, l2_squared)
         total = total_from_stats(stats, l1, l2, l2_squared, result_dtype(params))
+        if check is not None:
+            check(total)
         if not rows:
             return total
         local_grads = []
@@ -421,13 +437,14 @@ def _distinct_runs(params):
     return runs
 
 
-def prox_group_l2_dtensor_(params, threshold, *, func="prox_group_l2_"):
+def prox_group_l2_dtensor_(params, threshold, *, func="prox_group_l2_", names=None):
     """prox_group_l2_ for a checked list holding DTensors: the norms are those of the
     whole tensors (global_stats: one all_reduce if any is sharded), the scaling is
     applied to each rank's local shard. List order as in the operator: a tensor
     listed again starts a new run, which sees the first shrinkage."""
     for start, end in _distinct_runs(params):
-        local, stats = global_stats(params[start:end], func=func)
+        local, stats = global_stats(params[start:end], func=func,
+                                    names=None if names is None else names[start:end])
         scales = group_shrink_scale_reference(stats[:, 1], threshold)
         for x, scale in zip(local, scales):
             if x.numel():

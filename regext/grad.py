@@ -11,26 +11,28 @@ import torch
 
 from regext import distributed
 from regext._dtensor import has_dtensor
-from regext._validation import (check_coefficient, check_no_self_overlap, indices_by_device,
+from regext._validation import (check_no_self_overlap, coefficient, indices_by_device, label,
                                 materialize_params)
+from regext.penalty import raise_if_nonfinite
 
 
-def _bad_grad(func, i, p, g):
+def _bad_grad(func, i, p, g, names):
     """The error for an existing .grad that cannot be updated in place, if any."""
-    where = f"{func}: params[{i}].grad"
+    param = label("params", i, names)
+    where = f"{func}: {param}.grad"
     if g.layout != torch.strided:
         return TypeError(f"{where} has layout {g.layout} (dtype {g.dtype}, device {g.device}); "
                          f"only strided gradients are supported (a sparse gradient, e.g. from "
                          f"nn.Embedding(sparse=True), is not)")
     if g.dtype != p.dtype:
-        return TypeError(f"{where} has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+        return TypeError(f"{where} has dtype {g.dtype} but {param} has dtype {p.dtype}")
     if g.device != p.device:
-        return ValueError(f"{where} is on {g.device} but params[{i}] is on {p.device}")
+        return ValueError(f"{where} is on {g.device} but {param} is on {p.device}")
     if g.shape != p.shape:
-        return ValueError(f"{where} has shape {tuple(g.shape)} but params[{i}] has shape "
+        return ValueError(f"{where} has shape {tuple(g.shape)} but {param} has shape "
                           f"{tuple(p.shape)}")
     try:
-        check_no_self_overlap(func, f"params[{i}].grad", g)
+        check_no_self_overlap(func, f"{param}.grad", g)
     except ValueError as e:
         return e
     return None
@@ -44,7 +46,7 @@ class GradAction(enum.IntEnum):
     REPEAT = 3      # add into the .grad created for an earlier entry of the same tensor
 
 
-def plan_actions(func, params):
+def plan_actions(func, params, names=None):
     """Checks every existing .grad and decides a GradAction per parameter, before
     anything is written."""
     plan = []
@@ -64,7 +66,7 @@ def plan_actions(func, params):
         # The common case costs a few attribute reads; messages are built only on failure.
         if not (g.layout is torch.strided and g.dtype is p.dtype and g.shape == p.shape
                 and g.device == p.device and g.is_contiguous()):
-            error = _bad_grad(func, i, p, g)
+            error = _bad_grad(func, i, p, g, names)
             if error is not None:
                 raise error
         plan.append(GradAction.ACCUMULATE)
@@ -101,7 +103,7 @@ def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
     accumulate(rows_of(GradAction.REPEAT))
 
 
-def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
+def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinite=False):
     """Adds the gradient of ``l1·Σ‖p‖₁ + l2·Σ‖p‖₂`` into every ``p.grad``, in place.
 
     Call it after ``loss.backward()`` instead of adding ``fused_penalty`` to the loss:
@@ -115,7 +117,8 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
             ``.grad`` is left alone. A ``.grad`` that is ``None`` is created (with
             the parameter's dtype and memory layout). A tensor listed twice gets
             twice the gradient, as with ``fused_penalty``.
-        l1, l2, l2_squared: as in :func:`regext.fused_penalty`.
+        l1, l2, l2_squared, error_if_nonfinite: as in :func:`regext.fused_penalty`
+            (``error_if_nonfinite`` raises before any gradient is touched).
 
     Returns:
         The penalty value, a detached 0-dim tensor with ``fused_penalty``'s dtype and
@@ -127,38 +130,59 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False):
             device, or with overlapping memory.
         TypeError: an element that is not a strided real floating-point tensor; an
             existing ``.grad`` that is sparse or of another dtype.
+        RuntimeError: with ``error_if_nonfinite=True``, a NaN or infinite penalty.
         All are raised before any gradient is touched.
     """
     func = "add_penalty_grad_"
-    l1 = check_coefficient(func, "l1", l1)
-    l2 = check_coefficient(func, "l2", l2)
+    l1 = coefficient(func, "l1", l1)
+    l2 = coefficient(func, "l2", l2)
     params = materialize_params(func, params)
-    return add_penalty_grad_checked(func, params, l1, l2, bool(l2_squared))
+    return add_penalty_grad_checked(func, params, l1, l2, bool(l2_squared),
+                                    error_if_nonfinite=error_if_nonfinite)
 
 
-def add_penalty_grad_checked(func, params, l1, l2, l2_squared):
-    """add_penalty_grad_ for an already checked list and coefficients (Penalty's path)."""
+def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
+                             error_if_nonfinite=False):
+    """add_penalty_grad_ for a checked list and coefficient tensors (Penalty's path);
+    `names` name the parameters in errors."""
+    check = None
+    if error_if_nonfinite:
+        def check(total):  # before any gradient is touched
+            raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names)
     if has_dtensor(params):
         # Sharded parameters (FSDP2 / DTensor): local shards, one all_reduce of the
         # per-tensor sums, gradients as DTensors with the parameters' placements.
-        return distributed.add_penalty_grad_dtensor_(params, l1, l2, l2_squared, func=func)
-    plan = plan_actions(func, params)
+        return distributed.add_penalty_grad_dtensor_(params, l1, l2, l2_squared, func=func,
+                                                     names=names, check=check)
+    plan = plan_actions(func, params, names)
     if not params:
         return torch.zeros(())
     with torch.no_grad():
-        result = None
+        groups = []
         for rows in indices_by_device(params):
             if len(rows) == len(params):
-                group, group_plan = params, plan
+                groups.append((params, plan))
             else:
-                group, group_plan = [params[i] for i in rows], [plan[i] for i in rows]
-            if all(k == GradAction.ACCUMULATE for k in group_plan):
-                # The usual step (every .grad exists): one operator; in the squared
-                # form it reads each parameter once, computing sums and gradient together.
-                total, _ = torch.ops.regext.penalty_forward_accumulate_(
-                    [p.grad for p in group], group, l1, l2, l2_squared)
-            else:
-                total, stats = torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
+                groups.append(([params[i] for i in rows], [plan[i] for i in rows]))
+        if check is None and all(k == GradAction.ACCUMULATE for k in plan):
+            # The usual step (every .grad exists): one operator per device; in the
+            # squared form it reads each parameter once, computing sums and gradient
+            # together.
+            totals = [torch.ops.regext.penalty_forward_accumulate_(
+                [p.grad for p in group], group, l1, l2, l2_squared)[0] for group, _ in groups]
+        else:
+            forwards = [torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
+                        for group, _ in groups]
+            totals = [total for total, _ in forwards]
+            if check is not None:
+                check(_sum_on_first(totals))
+            for (group, group_plan), (total, stats) in zip(groups, forwards):
                 _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared)
-            result = total if result is None else result + total.to(result.device)
+    return _sum_on_first(totals)
+
+
+def _sum_on_first(totals):
+    result = totals[0]
+    for t in totals[1:]:
+        result = result + t.to(result.device)
     return result

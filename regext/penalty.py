@@ -3,9 +3,9 @@
 import torch
 
 from regext import distributed
-from regext._dtensor import has_dtensor
-from regext._grad import backward_grads
-from regext._validation import check_coefficient, materialize_params_and_device
+from regext._dtensor import has_dtensor, local_of
+from regext._grad import backward_grads, coefficient_grads
+from regext._validation import coefficient, label, materialize_params_and_device
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -23,25 +23,33 @@ class _FusedPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, l1, l2, l2_squared, *params):
         total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
-        ctx.save_for_backward(stats, *params)
-        ctx.coefficients = (l1, l2, l2_squared)
+        ctx.save_for_backward(stats, l1, l2, *params)
+        ctx.l2_squared = l2_squared
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        stats, *params = ctx.saved_tensors
+        stats, l1, l2, *params = ctx.saved_tensors
         # Frozen parameters cost nothing: only the needed ones, each told its stats row.
         rows = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         grads = [None] * len(params)
         subset = backward_grads(grad_total, [params[i] for i in rows], stats,
-                                None if len(rows) == len(params) else rows, *ctx.coefficients)
+                                None if len(rows) == len(params) else rows, l1, l2,
+                                ctx.l2_squared)
         for i, g in zip(rows, subset):
             grads[i] = g
-        return (None, None, None, *grads)
+        d_l1, d_l2 = coefficient_grads(ctx.needs_input_grad[:2], grad_total, stats, params,
+                                       ctx.l2_squared)
+        if d_l1 is not None:
+            d_l1 = d_l1.to(l1.device, l1.dtype)
+        if d_l2 is not None:
+            d_l2 = d_l2.to(l2.device, l2.dtype)
+        return (d_l1, d_l2, None, *grads)
 
 
 def penalty_on_one_device(params, l1, l2, l2_squared):
-    """fused_penalty for a checked, non-empty list of plain tensors on one device."""
+    """fused_penalty for a checked, non-empty list of plain tensors on one device;
+    l1 and l2 are coefficient tensors (regext._validation.coefficient)."""
     return _FusedPenalty.apply(l1, l2, l2_squared, *params)
 
 
@@ -52,7 +60,7 @@ def _group_by_device(params):
     return list(groups.values())
 
 
-def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False):
+def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinite=False):
     """``l1 * sum_p ||p||_1 + l2 * sum_p ||p||_2`` over all tensors, fused.
 
     Args:
@@ -62,30 +70,52 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False):
             DTensors (FSDP2 ``fully_shard``, tensor parallel) are accepted, alone or
             mixed with plain tensors: the penalty is the one of the full tensors, at
             the cost of one all_reduce for the whole list (see regext.distributed).
-        l1: coefficient of the summed L1 norms (finite, >= 0).
-        l2: coefficient of the summed L2 terms (finite, >= 0).
+            Every tensor counts, frozen (``requires_grad=False``) ones included, as in
+            the loop; :class:`regext.Penalty` leaves frozen parameters out.
+        l1: coefficient of the summed L1 norms: a finite number >= 0, or a 0-dim
+            floating-point tensor on the CPU or on the parameters' device (so that a
+            schedule can change it without recompiling a ``torch.compile`` step, and a
+            CUDA graph can replay it: update the tensor in place). A number or a CPU
+            tensor that is negative, NaN or inf raises ValueError; a value on the GPU
+            is not checked (that would synchronize with the GPU) and is used as it is:
+            a NaN coefficient makes the penalty and its gradients NaN, a negative one
+            rewards large weights.
+        l2: coefficient of the summed L2 terms, as ``l1``.
         l2_squared: if True the L2 term of each tensor is ``||p||_2 ** 2`` (ridge /
             weight-decay form) instead of the Euclidean norm ``||p||_2``.
+        error_if_nonfinite: if True, a NaN or infinite penalty raises RuntimeError naming
+            the first tensor whose norms are not finite (as
+            ``torch.nn.utils.clip_grad_norm_`` does). This reads the value on the host:
+            one synchronization with the GPU per call. Off by default.
 
     Returns:
         A 0-dim tensor on the first parameter's device; float64 if any parameter is
         float64, else float32. Differentiable with respect to every parameter that
-        requires grad; its gradients match torch's autograd of the per-parameter loop
-        (sign(0) = 0, zero gradient for a zero-norm tensor, NaN/inf propagate).
+        requires grad (and to a coefficient tensor that requires grad); its gradients
+        match torch's autograd of the per-parameter loop (sign(0) = 0, zero gradient
+        for a zero-norm tensor, NaN/inf propagate), with float64 norms. Second
+        derivatives (``create_graph=True``) are exact; at an all-zero tensor the
+        Euclidean norm has none, and its second derivative is taken as 0.
         An empty iterable gives ``tensor(0.)``.
 
     Raises:
         ValueError: ``l1`` or ``l2`` is not a finite number >= 0.
         TypeError: an element is not a tensor, or not a strided real floating-point
-            tensor; the message names its position and dtype.
+            tensor; the message names its position and dtype. A coefficient tensor that
+            is not 0-dim floating point.
+        RuntimeError: with ``error_if_nonfinite=True``, a NaN or infinite penalty.
     """
-    l1 = check_coefficient("fused_penalty", "l1", l1)
-    l2 = check_coefficient("fused_penalty", "l2", l2)
+    func = "fused_penalty"
+    l1 = coefficient(func, "l1", l1)
+    l2 = coefficient(func, "l2", l2)
     l2_squared = bool(l2_squared)
-    params, same_device = materialize_params_and_device("fused_penalty", params)
+    params, same_device = materialize_params_and_device(func, params)
     if not params:
         return torch.zeros(())
-    return penalty_of_checked(params, l1, l2, l2_squared, same_device)
+    total = penalty_of_checked(params, l1, l2, l2_squared, same_device)
+    if error_if_nonfinite:
+        raise_if_nonfinite(func, total, params, l1, l2, l2_squared)
+    return total
 
 
 def penalty_of_checked(params, l1, l2, l2_squared, same_device):
@@ -103,3 +133,27 @@ def penalty_of_checked(params, l1, l2, l2_squared, same_device):
     for t in totals[1:]:
         total = total + t
     return total
+
+
+def raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names=None):
+    """RuntimeError if `total` is NaN or inf, naming the first tensor whose norms are
+    not finite. Reads `total` on the host: one synchronization with a GPU."""
+    if bool(torch.isfinite(total)):
+        return
+    zero = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            local = local_of(p)
+            if local.numel() == 0:
+                continue
+            _, stats = torch.ops.regext.penalty_forward([local], zero, zero, l2_squared)
+            if not bool(torch.isfinite(stats).all()):
+                kind = "NaN" if bool(torch.isnan(local).any()) else "inf"
+                raise RuntimeError(
+                    f"{func}: the penalty is {total.item()} because {label('params', i, names)} "
+                    f"(shape {tuple(p.shape)}, dtype {p.dtype}) has a non-finite norm: it holds "
+                    f"{kind} values or values whose sum of squares overflows")
+    raise RuntimeError(
+        f"{func}: the penalty is {total.item()} although every tensor's norms are finite: "
+        f"l1 * sum of L1 norms + l2 * sum of L2 terms overflows the result dtype "
+        f"{total.dtype} (l1={float(l1)}, l2={float(l2)})")

@@ -13,8 +13,7 @@ import torch
 
 from regext import distributed
 from regext._dtensor import has_dtensor
-from regext._validation import (check_coefficient, check_writable, indices_by_device,
-                                materialize_params)
+from regext._validation import check_writable, coefficient, indices_by_device, materialize_params
 
 
 def prox_l1_(params, threshold):
@@ -32,7 +31,9 @@ def prox_l1_(params, threshold):
             and may be non-contiguous views. float16/bfloat16 compute in float32.
             The list is processed in order, as one call per tensor would: a tensor
             listed twice is thresholded twice (≈ once with ``2·threshold``).
-        threshold: a finite number >= 0. NaN stays NaN, ±inf stays ±inf.
+        threshold: a finite number >= 0, or a 0-dim floating-point tensor on the CPU
+            or on the parameters' device (a GPU value is used unchecked, as in
+            :func:`regext.fused_penalty`). NaN stays NaN, ±inf stays ±inf.
 
     Raises:
         ValueError: ``threshold`` is not a finite number >= 0; a tensor has
@@ -41,9 +42,14 @@ def prox_l1_(params, threshold):
         All before anything is modified.
     """
     func = "prox_l1_"
-    threshold = check_coefficient(func, "threshold", threshold)
+    threshold = coefficient(func, "threshold", threshold)
     params = materialize_params(func, params)
     check_writable(func, params)
+    prox_l1_checked(params, threshold)
+
+
+def prox_l1_checked(params, threshold):
+    """prox_l1_ for a checked, writable list and a threshold tensor."""
     with torch.no_grad():
         if has_dtensor(params):
             distributed.prox_l1_dtensor_(params, threshold)
@@ -63,12 +69,17 @@ def prox_group_l2_(params, threshold):
     Same arguments, list-order semantics and errors as :func:`prox_l1_`.
     """
     func = "prox_group_l2_"
-    threshold = check_coefficient(func, "threshold", threshold)
+    threshold = coefficient(func, "threshold", threshold)
     params = materialize_params(func, params)
     check_writable(func, params)
+    prox_group_l2_checked(func, params, threshold)
+
+
+def prox_group_l2_checked(func, params, threshold, names=None):
+    """prox_group_l2_ for a checked, writable list and a threshold tensor."""
     with torch.no_grad():
         if has_dtensor(params):
-            distributed.prox_group_l2_dtensor_(params, threshold, func=func)
+            distributed.prox_group_l2_dtensor_(params, threshold, func=func, names=names)
             return
         for rows in indices_by_device(params):
             torch.ops.regext.prox_group_l2_([params[i] for i in rows], threshold)
@@ -86,11 +97,16 @@ def prox_l2_squared_(params, threshold):
     Same arguments and errors as :func:`prox_l1_`.
     """
     func = "prox_l2_squared_"
-    threshold = check_coefficient(func, "threshold", threshold)
+    threshold = coefficient(func, "threshold", threshold)
     params = materialize_params(func, params)
     check_writable(func, params)
-    factor = 1.0 / (1.0 + 2.0 * threshold)
+    prox_l2_squared_checked(params, threshold)
+
+
+def prox_l2_squared_checked(params, threshold):
+    """prox_l2_squared_ for a checked, writable list and a threshold tensor."""
     with torch.no_grad():
+        factor = 1.0 / (1.0 + 2.0 * threshold.to(torch.float64))  # where the threshold lies
         if has_dtensor(params):
             distributed.scale_dtensor_(params, factor)
             return

@@ -60,7 +60,7 @@ def prox_l1_reference(params, threshold):
     """x <- sign(x) * max(|x| - t, 0), computed in float32/float64, rounded once."""
     for p in params:
         x = p.to(_compute_dtype(p))
-        t = torch.full((), threshold, dtype=x.dtype, device=x.device)  # rounded like the kernel
+        t = torch.as_tensor(threshold, dtype=x.dtype, device=x.device)  # rounded like the kernel
         magnitude = x.abs()
         shrunk = torch.where(x < 0, t - magnitude, magnitude - t)  # sign(x) * (|x| - t)
         p.copy_(torch.where(magnitude <= t, torch.zeros_like(x), shrunk))
@@ -80,7 +80,8 @@ def prox_group_l2_reference(params, threshold):
         if p.numel() == 0:
             continue
         sum_sq = p.to(torch.float64).pow(2).sum()
-        scale = group_shrink_scale_reference(sum_sq, threshold)
+        scale = group_shrink_scale_reference(sum_sq, torch.as_tensor(threshold, dtype=torch.float64,
+                                                                     device=sum_sq.device))
         product = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else torch.float64
         p.copy_(p.to(product) * scale.to(product))
 

@@ -1,4 +1,4 @@
-"""Penalty: which parameters are regularized, how strongly, computed once.
+"""Penalty: which parameters are regularized, how strongly, computed fused.
 
     pen = regext.Penalty(model, l1=1e-5, l2=1e-4, exclude=["*bias", "norm*"])
     loss = data_loss + pen()          # through autograd, or
@@ -6,29 +6,80 @@
 """
 
 import fnmatch
+import numbers
 import warnings
-from dataclasses import dataclass
 
 import torch
 
+from regext import distributed
 from regext._dtensor import has_dtensor
 from regext._named import named_tensors
-from regext._validation import check_coefficient
+from regext._validation import (SUPPORTED_DTYPES, check_coefficient, check_writable,
+                                coefficient, materialize_params)
 from regext.grad import add_penalty_grad_checked
-from regext.penalty import penalty_of_checked
-from regext.prox import prox_group_l2_, prox_l1_, prox_l2_squared_
+from regext.penalty import penalty_of_checked, raise_if_nonfinite
+from regext.prox import prox_group_l2_checked, prox_l1_checked, prox_l2_squared_checked
 
 _OVERRIDE_KEYS = ("l1", "l2", "l2_squared")
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
-@dataclass(frozen=True)
+def _check_spec(func, name, value):
+    """A coefficient as a Penalty stores it: a number (checked now, kept as float), a
+    0-dim floating-point tensor, or a callable step -> number or tensor (checked
+    when it is called)."""
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, torch.Tensor):
+        return coefficient(func, name, value)
+    if torch.compiler.is_compiling():
+        return value  # possibly a traced variable: checked when it becomes a coefficient
+    return check_coefficient(func, name, value)
+
+
 class PenaltyGroup:
-    """Parameters that share coefficients: one fused call per group (and device)."""
-    l1: float
-    l2: float
-    l2_squared: bool
-    names: tuple
-    params: tuple
+    """Parameters that share coefficients: one fused call per group (and device).
+
+    ``l1`` and ``l2`` read the group's coefficient: its override, or the Penalty's
+    own ``l1`` / ``l2`` when it has none. Assigning one sets the group's override
+    (a number, a 0-dim tensor or a callable ``step -> value``); assigning None makes
+    the group follow the Penalty's again.
+    """
+
+    def __init__(self, penalty, l1, l2, l2_squared, names, params):
+        self._penalty = penalty
+        self._l1, self._l2 = l1, l2
+        self.l2_squared = l2_squared
+        self.names = names
+        self.params = params
+
+    @property
+    def l1(self):
+        return self._penalty.l1 if self._l1 is None else self._l1
+
+    @l1.setter
+    def l1(self, value):
+        self._l1 = None if value is None else _check_spec("Penalty", "l1", value)
+
+    @property
+    def l2(self):
+        return self._penalty.l2 if self._l2 is None else self._l2
+
+    @l2.setter
+    def l2(self, value):
+        self._l2 = None if value is None else _check_spec("Penalty", "l2", value)
+
+    def __repr__(self):
+        return (f"PenaltyGroup(l1={_show(self.l1)}, l2={_show(self.l2)}, "
+                f"l2_squared={self.l2_squared}, {len(self.params)} tensors)")
+
+
+def _show(spec):
+    if isinstance(spec, numbers.Real):
+        return f"{spec:g}"
+    if isinstance(spec, torch.Tensor):
+        return "tensor"
+    return getattr(spec, "__name__", "schedule")
 
 
 def _as_patterns(func, arg, patterns):
@@ -56,13 +107,35 @@ def _matcher(func, arg, spec):
     return (lambda name, p: any(fnmatch.fnmatchcase(name, pat) for pat in patterns)), patterns
 
 
-def _warn_unmatched(func, arg, patterns, names):
+def _aliases(source):
+    """{alias name: canonical name} for tied parameters of a module: the names that
+    module.named_parameters() drops because the tensor appeared under another one."""
+    if not isinstance(source, torch.nn.Module):
+        return {}
+    canonical, aliases = {}, {}
+    for name, p in source.named_parameters(remove_duplicate=False):
+        first = canonical.setdefault(id(p), name)
+        if first != name:
+            aliases[name] = first
+    return aliases
+
+
+def _warn_unmatched(func, arg, patterns, names, aliases, excluded_too=()):
     for pat in patterns:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            warnings.warn(f"{func}: {arg} pattern {pat!r} matches no parameter name "
-                          f"(names look like {names[0]!r})" if names else
-                          f"{func}: {arg} pattern {pat!r} matches no parameter name",
-                          stacklevel=3)
+        if any(fnmatch.fnmatchcase(n, pat) for n in names):
+            continue
+        tied = [(a, c) for a, c in aliases.items() if fnmatch.fnmatchcase(a, pat)]
+        if tied:
+            for alias, name in tied:
+                if name in excluded_too:
+                    continue
+                warnings.warn(f"{func}: {arg} pattern {pat!r} matches {alias!r}, an alias of "
+                              f"{name!r} (tied weights: the module lists the tensor once, as "
+                              f"{name!r}); it stays {'penalized' if arg == 'exclude' else 'as it is'} "
+                              f"unless {name!r} is matched too", stacklevel=3)
+            continue
+        warnings.warn(f"{func}: {arg} pattern {pat!r} matches no parameter name"
+                      + (f" (names look like {names[0]!r})" if names else ""), stacklevel=3)
 
 
 def _check_override(func, key, value):
@@ -75,34 +148,69 @@ def _check_override(func, key, value):
                          f"allowed: {_OVERRIDE_KEYS}")
 
 
+def _override_function(func, overrides, names, aliases):
+    """(name, param) -> dict or None, from a mapping of patterns or a callable."""
+    if overrides is None:
+        return lambda name, p: None
+    if callable(overrides):
+        return overrides
+    if not isinstance(overrides, dict):
+        raise TypeError(f"{func}: overrides must be a dict {{pattern: {{'l1': ..., "
+                        f"'l2': ...}}}} or a callable, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{func}: overrides keys must be glob pattern strings, "
+                            f"got {type(key).__name__}")
+        _check_override(func, key, value)
+    _warn_unmatched(func, "overrides", tuple(overrides), names, aliases)
+    items = tuple(overrides.items())
+
+    def override_for(name, p):
+        for pat, value in items:
+            if fnmatch.fnmatchcase(name, pat):
+                return value
+        return None
+    return override_for
+
+
 class Penalty:
-    """An L1/L2 penalty over a chosen subset of a model's parameters, set up once.
+    """An L1/L2 penalty over a chosen subset of a model's parameters.
 
     Args:
         module_or_named_params: an ``nn.Module`` (its ``named_parameters()``: tied
             weights appear once) or an iterable of ``(name, tensor)`` pairs.
         l1, l2, l2_squared: default coefficients, as in :func:`regext.fused_penalty`.
+            ``l1`` and ``l2`` may also be callables ``step -> value`` (schedules,
+            evaluated at ``pen.step``), and can be changed between calls
+            (``pen.l1 = 1e-4``); groups without their own value follow them.
         exclude: parameters left out of the penalty. Either a callable
             ``(name, param) -> bool`` (True excludes), or one glob pattern or an
             iterable of them, matched with ``fnmatch`` against the full dotted name
             (``"*bias"`` matches ``"0.bias"`` and ``"head.bias"``; ``"norm*"`` matches
             only names that start with ``norm``; ``*`` also crosses dots, so
             ``"*norm*"`` matches a ``norm`` anywhere). A pattern that matches nothing
-            warns. The usual "no decay on biases and norm layers" for most models:
-            ``exclude=lambda name, p: p.ndim < 2``.
+            warns; one that matches only the alias of a tied weight warns that the
+            tensor, listed under its first name, stays penalized. The usual "no decay on
+            biases and norm layers" for most models: ``exclude=lambda name, p: p.ndim < 2``.
         overrides: per-group coefficients. A mapping ``{pattern: {"l1": ..., "l2": ...,
             "l2_squared": ...}}`` (any subset of the keys; the first pattern, in
             mapping order, that matches a name wins) or a callable
-            ``(name, param) -> dict or None``. Parameters with equal coefficients are
+            ``(name, param) -> dict or None``. Parameters with equal overrides are
             grouped, so the number of fused calls is the number of distinct settings.
+        error_if_nonfinite: as in :func:`regext.fused_penalty`, for ``pen()`` and
+            ``pen.add_grad_()`` (one host synchronization per call when on).
 
-    The selection and grouping are computed once; each call passes the cached lists
-    to the fused operators. The parameter *objects* are cached, so moving the model
-    with ``model.to(...)`` (which updates parameters in place) is fine, but
-    parameters replaced or added after construction are not seen: build a new
-    Penalty then, and build it after wrapping the model (FSDP2's ``fully_shard``
-    replaces parameters with DTensors; those are supported, as in
-    :func:`regext.fused_penalty`).
+    Frozen parameters: the selection is fixed at construction, but each call leaves
+    out the parameters that do not require grad at that moment: they add nothing to
+    the value, get no gradient and are never modified by ``prox_``, as an optimizer's
+    weight decay leaves frozen layers alone. Unfreezing one brings it back.
+
+    The selection and grouping are computed once. The parameter *objects* are
+    cached, so moving the model with ``model.to(...)`` (which updates parameters in
+    place) is fine, but parameters replaced or added after construction are not
+    seen: build a new Penalty then, and build it after wrapping the model (FSDP2's
+    ``fully_shard`` replaces parameters with DTensors; those are supported, as in
+    :func:`regext.fused_penalty`). Errors name the parameter (``'emb.weight'``).
 
     Use:
         ``pen()``: the penalty as a differentiable 0-dim tensor (add it to the loss).
@@ -112,93 +220,133 @@ class Penalty:
         ``lr`` (after an optimizer step on the data loss alone).
         ``pen.named_parameters()``, ``pen.parameters()``, ``pen.names``,
         ``pen.excluded``, ``pen.groups``: what was selected, and how.
+        ``pen.step``: the step number schedules are evaluated at (an int, 0 at first;
+        advanced by :meth:`attach`'s optimizer hooks, or set it yourself).
     """
 
     def __init__(self, module_or_named_params, l1=0.0, l2=0.0, *, l2_squared=False,
-                 exclude=None, overrides=None):
+                 exclude=None, overrides=None, error_if_nonfinite=False):
         func = "Penalty"
-        default = {"l1": check_coefficient(func, "l1", l1),
-                   "l2": check_coefficient(func, "l2", l2),
-                   "l2_squared": bool(l2_squared)}
+        self.l1 = l1
+        self.l2 = l2
+        self.l2_squared = bool(l2_squared)
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.step = 0
         named = named_tensors(func, module_or_named_params, require_names=True)
         names = [n for n, _ in named]
+        aliases = _aliases(module_or_named_params)
         is_excluded, exclude_patterns = _matcher(func, "exclude", exclude)
-        _warn_unmatched(func, "exclude", exclude_patterns, names)
-
-        if overrides is None:
-            override_for = lambda name, p: None  # noqa: E731
-        elif callable(overrides):
-            override_for = overrides
-        elif isinstance(overrides, dict):
-            for key, value in overrides.items():
-                if not isinstance(key, str):
-                    raise TypeError(f"{func}: overrides keys must be glob pattern strings, "
-                                    f"got {type(key).__name__}")
-                _check_override(func, key, value)
-            _warn_unmatched(func, "overrides", tuple(overrides), names)
-            items = tuple(overrides.items())
-
-            def override_for(name, p):
-                for pat, value in items:
-                    if fnmatch.fnmatchcase(name, pat):
-                        return value
-                return None
-        else:
-            raise TypeError(f"{func}: overrides must be a dict {{pattern: {{'l1': ..., "
-                            f"'l2': ...}}}} or a callable, got {type(overrides).__name__}")
+        override_for = _override_function(func, overrides, names, aliases)
 
         selected, excluded, groups = [], [], {}
         for name, p in named:
             if is_excluded(name, p):
                 excluded.append(name)
                 continue
-            coefs = dict(default)
+            coefs = {"l1": None, "l2": None, "l2_squared": self.l2_squared}
             override = override_for(name, p)
             if override is not None:
                 _check_override(func, name, override)
-                coefs.update(override)
-                coefs = {"l1": check_coefficient(func, f"l1 of {name!r}", coefs["l1"]),
-                         "l2": check_coefficient(func, f"l2 of {name!r}", coefs["l2"]),
-                         "l2_squared": bool(coefs["l2_squared"])}
+                for key in ("l1", "l2"):
+                    if key in override:
+                        coefs[key] = _check_spec(func, f"{key} of {name!r}", override[key])
+                if "l2_squared" in override:
+                    coefs["l2_squared"] = bool(override["l2_squared"])
             selected.append((name, p))
-            key = (coefs["l1"], coefs["l2"], coefs["l2_squared"])
-            groups.setdefault(key, []).append((name, p))
+            key = tuple(id(v) if callable(v) or isinstance(v, torch.Tensor) else v
+                        for v in (coefs["l1"], coefs["l2"], coefs["l2_squared"]))
+            groups.setdefault(key, (coefs, []))[1].append((name, p))
+        _warn_unmatched(func, "exclude", exclude_patterns, names, aliases, set(excluded))
 
         self._selected = tuple(selected)
         self._excluded = tuple(excluded)
         self._groups = tuple(
-            PenaltyGroup(l1=k[0], l2=k[1], l2_squared=k[2], names=tuple(n for n, _ in members),
-                         params=tuple(p for _, p in members))
-            for k, members in groups.items())
-        # What each call iterates over: plain lists, cheap to pass to the operators.
-        self._calls = tuple((list(g.params), g.l1, g.l2, g.l2_squared) for g in self._groups)
+            PenaltyGroup(self, coefs["l1"], coefs["l2"], coefs["l2_squared"],
+                         tuple(n for n, _ in members), tuple(p for _, p in members))
+            for coefs, members in groups.values())
+        # Decided once: whether a group holds DTensors (FSDP2), which take their own path.
+        self._sharded = tuple(has_dtensor(g.params) for g in self._groups)
 
-    @staticmethod
-    def _on_one_device(params):
-        """Whether the (plain) tensors share a device: checked per call, as model.to()
-        may move parameters after construction; DTensors take their own route."""
-        first = params[0].device
-        return all(p.device == first for p in params) and not has_dtensor(params)
+    # -- coefficients ----------------------------------------------------------------
+
+    @property
+    def l1(self):
+        """The default L1 coefficient: a number, a 0-dim tensor or a callable step -> value."""
+        return self._l1
+
+    @l1.setter
+    def l1(self, value):
+        self._l1 = _check_spec("Penalty", "l1", value)
+
+    @property
+    def l2(self):
+        """The default L2 coefficient, as ``l1``."""
+        return self._l2
+
+    @l2.setter
+    def l2(self, value):
+        self._l2 = _check_spec("Penalty", "l2", value)
+
+    def _coefficient(self, name, spec):
+        """A coefficient's value now, as the operators take it (a 0-dim tensor)."""
+        if callable(spec) and not isinstance(spec, torch.Tensor):
+            spec = spec(self.step)
+        return coefficient("Penalty", name, spec)
+
+    def _active(self, func, group):
+        """(the group's parameters that require grad now, their names, whether they
+        share one device). The parameters were checked at construction; their dtype or
+        layout may have changed since (model.half() is fine, a sparse one is not)."""
+        params, names = [], []
+        first = None
+        same_device = True
+        for name, p in zip(group.names, group.params):
+            if not p.requires_grad:
+                continue
+            if p.dtype not in _SUPPORTED or p.layout is not torch.strided:
+                materialize_params(func, [p], names=[name])  # raises, naming it
+            if first is None:
+                first = p.device
+            elif p.device != first:
+                same_device = False
+            params.append(p)
+            names.append(name)
+        return params, names, same_device
+
+    def _calls(self, func):
+        """(group, active params, their names, same device, l1, l2) for every group
+        with at least one active parameter."""
+        for group, sharded in zip(self._groups, self._sharded):
+            params, names, same_device = self._active(func, group)
+            if params:
+                yield (group, params, names, same_device and not sharded,
+                       self._coefficient("l1", group.l1), self._coefficient("l2", group.l2))
 
     # -- the penalty ---------------------------------------------------------------
 
     def __call__(self):
-        """The penalty over the selected parameters, differentiable (0-dim tensor)."""
+        """The penalty over the selected parameters that require grad, differentiable
+        (a 0-dim tensor)."""
         total = None
-        for params, l1, l2, l2_squared in self._calls:
-            if not params:
-                continue
-            # The parameters were checked when the Penalty was built.
-            value = penalty_of_checked(params, l1, l2, l2_squared, self._on_one_device(params))
+        for group, params, names, same_device, l1, l2 in self._calls("Penalty"):
+            if has_dtensor(params):
+                value = distributed.fused_penalty_dtensor(params, l1, l2, group.l2_squared,
+                                                          func="Penalty", names=names)
+            else:
+                value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device)
+            if self.error_if_nonfinite:
+                raise_if_nonfinite("Penalty", value, params, l1, l2, group.l2_squared, names)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
     def add_grad_(self):
         """``p.grad += d(penalty)/dp`` in place for the selected parameters that
         require grad (see :func:`regext.add_penalty_grad_`); returns the detached value."""
+        func = "Penalty.add_grad_"
         total = None
-        for params, l1, l2, l2_squared in self._calls:
-            value = add_penalty_grad_checked("Penalty.add_grad_", params, l1, l2, l2_squared)
+        for group, params, names, _, l1, l2 in self._calls(func):
+            value = add_penalty_grad_checked(func, params, l1, l2, group.l2_squared, names=names,
+                                             error_if_nonfinite=self.error_if_nonfinite)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
@@ -214,14 +362,23 @@ class Penalty:
         That is the exact proximal map of ``lr·(l1‖x‖₁ + l2‖x‖₂)`` (sparse group
         lasso) or of ``lr·(l1‖x‖₁ + l2‖x‖₂²)`` (elastic net) for each tensor. Use it
         after an optimizer step on the data loss *without* the penalty
-        (proximal gradient descent); ``lr`` should be the optimizer's step size.
+        (proximal gradient descent); ``lr`` should be the optimizer's step size (a
+        number or a 0-dim tensor). Parameters that do not require grad are left alone.
         """
-        lr = check_coefficient("Penalty.prox_", "lr", lr)
-        for params, l1, l2, l2_squared in self._calls:
-            if l1 > 0.0:
-                prox_l1_(params, lr * l1)
-            if l2 > 0.0:
-                (prox_l2_squared_ if l2_squared else prox_group_l2_)(params, lr * l2)
+        func = "Penalty.prox_"
+        lr = coefficient(func, "lr", lr)
+        for group, params, names, _, l1, l2 in self._calls(func):
+            self._prox_group(func, group, params, names, lr, l1, l2)
+
+    def _prox_group(self, func, group, params, names, lr, l1, l2):
+        check_writable(func, params, names)
+        if _maybe_positive(l1):
+            prox_l1_checked(params, lr * l1)
+        if _maybe_positive(l2):
+            if group.l2_squared:
+                prox_l2_squared_checked(params, lr * l2)
+            else:
+                prox_group_l2_checked(func, params, lr * l2, names)
 
     # -- inspection ----------------------------------------------------------------
 
@@ -253,7 +410,16 @@ class Penalty:
 
     def __repr__(self):
         numel = sum(p.numel() for _, p in self._selected)
-        groups = ", ".join(f"(l1={g.l1:g}, l2={g.l2:g}{', squared' if g.l2_squared else ''}: "
-                           f"{len(g.params)} tensors)" for g in self._groups)
+        groups = ", ".join(f"(l1={_show(g.l1)}, l2={_show(g.l2)}"
+                           f"{', squared' if g.l2_squared else ''}: {len(g.params)} tensors)"
+                           for g in self._groups)
         return (f"Penalty({len(self._selected)} tensors, {numel} elements, "
                 f"{len(self._excluded)} excluded; groups: [{groups}])")
+
+
+def _maybe_positive(c):
+    """False only for a coefficient known to be zero without reading a device value
+    (a CPU tensor's value is read: no synchronization)."""
+    if c.device.type == "cpu" and not torch.compiler.is_compiling():
+        return bool(c != 0)
+    return True

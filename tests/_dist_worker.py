@@ -289,6 +289,36 @@ def case_double_backward(rank, world):
 
 
 @case()
+def case_double_backward_keeps_the_plain_backward_accuracy(rank, world):
+    """create_graph=True on shards: the first derivative equals the plain backward's
+    (float64 norms of the whole tensors: 2e19 and 1e-25 elements keep their range) and
+    the second derivative equals the single-process one."""
+    from torch.distributed.tensor import Replicate, Shard
+    import regext
+    full = [torch.full((8, 3), 2e19), torch.full((6,), 1e-25)]
+    full += full_tensors([(4, 4)], [torch.float32], seed=31)  # the same on every rank
+    full[0][1:] = 0.0
+    params = distribute(full, mesh_1d(world), [[Shard(0)], [Shard(0)], [Replicate()]])
+    value = regext.fused_penalty(params, 0.0, 1.0)
+    grads = torch.autograd.grad(value, params, create_graph=True)
+    plain = torch.autograd.grad(regext.fused_penalty(params, 0.0, 1.0), params)
+    for i, (g, q, p) in enumerate(zip(grads, plain, params)):
+        assert torch.equal(g.detach().full_tensor(), q.full_tensor()), i
+        assert tuple(g.placements) == tuple(p.placements), i
+    vs = [torch.full_like(t, 0.5) for t in full]
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in
+                                  zip(grads, distribute(vs, mesh_1d(world),
+                                                        [[Shard(0)], [Shard(0)], [Replicate()]],
+                                                        requires_grad=False))), params)
+    leaves = [t.clone().requires_grad_(True) for t in full]
+    ref_grads = torch.autograd.grad(regext.fused_penalty(leaves, 0.0, 1.0), leaves,
+                                    create_graph=True)
+    ref_hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(ref_grads, vs)), leaves)
+    for i, (h, p, r) in enumerate(zip(hvp, params, ref_hvp)):
+        check_grad(i, h, p, r)
+
+
+@case()
 def case_global_stats(rank, world):
     from torch.distributed.tensor import Replicate, Shard
     from regext.distributed import global_stats
@@ -298,7 +328,7 @@ def case_global_stats(rank, world):
     with count_collectives() as log:
         local, stats = global_stats(params)
     expect_one_all_reduce(log)
-    _, ref = torch.ops.regext.penalty_forward(full, 0.0, 0.0, False)
+    _, ref = torch.ops.regext.penalty_forward(full, torch.scalar_tensor(0.0, dtype=torch.float64), torch.scalar_tensor(0.0, dtype=torch.float64), False)
     torch.testing.assert_close(stats, ref, rtol=1e-12, atol=1e-12)
     for p, t, placement in zip(params, local, placements):
         if placement is None:

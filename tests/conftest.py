@@ -26,6 +26,11 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+def scalar(value):
+    """A coefficient or threshold as the operators take it: a 0-dim float64 CPU tensor."""
+    return torch.scalar_tensor(value, dtype=torch.float64)
+
+
 def random_params(gen, shapes, dtype=torch.float32, device="cpu", requires_grad=True,
                   away_from_zero=False):
     """Random normal tensors; with away_from_zero, |x| >= 0.1 (gradcheck-safe for L1)."""

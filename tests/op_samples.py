@@ -14,6 +14,8 @@ import torch
 
 from regext.reference import count_zeros_reference, prox_group_l2_reference, prox_l1_reference
 
+from conftest import scalar
+
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -33,11 +35,15 @@ def _grads_like(params, gen):
 
 
 def _stats(params):
-    return torch.ops.regext.penalty_forward(params, 0.0, 0.0, False)[1]
+    return torch.ops.regext.penalty_forward(params, scalar(0.0), scalar(0.0), False)[1]
+
+
+# Coefficients: CPU tensors of several dtypes, and tensors on the parameters' device.
+L1, L2 = scalar(0.1), torch.tensor(0.2, dtype=torch.float32)
 
 
 def forward_samples(gen, device):
-    return [(sample_params(gen, device, dtype), 0.1, 0.2, squared)
+    return [(sample_params(gen, device, dtype), L1, L2.to(device), squared)
             for dtype in DTYPES for squared in (False, True)]
 
 
@@ -47,10 +53,10 @@ def backward_samples(gen, device):
         params = sample_params(gen, device, dtype)
         stats = _stats(params)
         grad_total = torch.tensor(1.5, device=device)
-        out.append((grad_total, params, stats, 0.1, 0.2, False))
-        out.append((grad_total, params, stats, 0.1, 0.2, True))
+        out.append((grad_total, params, stats, L1, L2, False))
+        out.append((grad_total, params, stats, L1.to(device), L2, True))
         # A subset, told its stats rows: a tensor listed twice.
-        out.append((grad_total, [params[6], params[0], params[6]], stats, 0.1, 0.2, False,
+        out.append((grad_total, [params[6], params[0], params[6]], stats, L1, L2, False,
                     [6, 0, 6]))
     return out
 
@@ -60,20 +66,21 @@ def grad_accumulate_samples(gen, device):
     for dtype in DTYPES:
         params = sample_params(gen, device, dtype)
         stats = _stats(params)
-        out.append((_grads_like(params, gen), params, stats, 0.1, 0.2, False))
-        out.append((_grads_like(params, gen), params, stats, 0.1, 0.2, True, None))
+        out.append((_grads_like(params, gen), params, stats, L1, L2, False))
+        out.append((_grads_like(params, gen), params, stats, L1, L2.to(device), True, None))
     return out
 
 
 def forward_accumulate_samples(gen, device):
-    return [(_grads_like(params, gen), params, 0.1, 0.2, squared)
+    return [(_grads_like(params, gen), params, L1, L2, squared)
             for dtype in DTYPES for params in [sample_params(gen, device, dtype)]
             for squared in (False, True)]
 
 
 def prox_samples(gen, device):
     return [(sample_params(gen, device, dtype), threshold)
-            for dtype in DTYPES for threshold in (0.0, 0.3)]
+            for dtype in DTYPES
+            for threshold in (scalar(0.0), torch.tensor(0.3, dtype=torch.bfloat16).to(device))]
 
 
 def count_samples(gen, device):
@@ -88,6 +95,7 @@ def _ref_stats(params):
 
 
 def _ref_total(params, stats, l1, l2, squared):
+    l1, l2 = float(l1), float(l2)
     l2_terms = stats[:, 1] if squared else stats[:, 1].sqrt()
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     return (l1 * stats[:, 0].sum() + l2 * l2_terms.sum()).to(dtype)
@@ -95,6 +103,7 @@ def _ref_total(params, stats, l1, l2, squared):
 
 def _ref_grad(grad_total, x, sum_sq, l1, l2, squared):
     x64 = x.double()
+    l1, l2 = float(l1), float(l2)
     if squared:
         linear = 2.0 * x64
     else:

@@ -9,7 +9,7 @@ from torch import nn
 import regext
 from regext.reference import penalty_float64, penalty_loop
 
-from conftest import TOLERANCES, grads_of, random_params
+from conftest import TOLERANCES, grads_of, random_params, scalar
 
 SHAPES = [(7, 5), (300,), (0,), (3, 4, 5), (1,), (70_000,)]  # last one spans chunks
 
@@ -107,8 +107,8 @@ def test_accumulate_op_applies_a_repeated_gradient_in_order(gen):
     # concurrent read-modify-writes of one parallel pass lose updates.
     p = torch.randn(200_000, generator=gen)
     g = torch.zeros_like(p)
-    _, stats = torch.ops.regext.penalty_forward([p] * 8, 1.0, 0.0, False)
-    torch.ops.regext.penalty_grad_accumulate_([g] * 8, [p] * 8, stats, 1.0, 0.0, False)
+    _, stats = torch.ops.regext.penalty_forward([p] * 8, scalar(1.0), scalar(0.0), False)
+    torch.ops.regext.penalty_grad_accumulate_([g] * 8, [p] * 8, stats, scalar(1.0), scalar(0.0), False)
     assert torch.equal(g, 8 * p.sign())
 
 

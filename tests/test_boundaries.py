@@ -13,7 +13,7 @@ import torch
 import regext
 from regext.reference import penalty_float64
 
-from conftest import DEVICES, grads_of
+from conftest import DEVICES, grads_of, scalar
 
 SIZES = [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49,
          32767, 32768, 32769, 65535, 65536, 65537, 98303, 98305]
@@ -64,8 +64,8 @@ def test_sizes_around_vector_and_chunk_boundaries(device, dtype, l2_squared):
     # In place, on gradients of the same exact sizes.
     xs = [p.detach() for p in params]
     acc = [torch.ones_like(x) for x in xs]
-    _, stats = torch.ops.regext.penalty_forward(xs, 0.3, 0.7, l2_squared)
-    torch.ops.regext.penalty_grad_accumulate_(acc, xs, stats, 0.3, 0.7, l2_squared)
+    _, stats = torch.ops.regext.penalty_forward(xs, scalar(0.3), scalar(0.7), l2_squared)
+    torch.ops.regext.penalty_grad_accumulate_(acc, xs, stats, scalar(0.3), scalar(0.7), l2_squared)
     # Expected: 1 + the exact (float64) gradient. The sum is formed in the compute
     # type (float32 for all but float64), so allow a rounding of each operand (~1).
     exact = [x.double().requires_grad_() for x in xs]

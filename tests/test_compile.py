@@ -64,3 +64,76 @@ def test_compiled_penalty_inductor_fullgraph(device):
     g_e = torch.autograd.grad(ref, params)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b)
+
+
+# ---- coefficients that change between calls (schedules, lr * l1) -------------------------
+
+def _recompiles(fn, args_per_call, dynamic=None):
+    """How many more graphs torch.compile(fn, fullgraph=True) compiles after its first
+    call, over these calls; each result must equal eager's. (The first call may compile
+    more than one graph: with float64 0-dim tensor inputs torch 2.13 compiles two.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter, dynamic=dynamic)
+    first = None
+    for args in args_per_call:
+        got, want = compiled(*args), fn(*args)
+        first = counter.frame_count if first is None else first
+        for g, w in zip(got if isinstance(got, (list, tuple)) else [got],
+                        want if isinstance(want, (list, tuple)) else [want]):
+            torch.testing.assert_close(g, w)
+    return counter.frame_count - first
+
+
+def _step(params, l1, l2, threshold):
+    """A training step's regext calls: penalty value, gradients, proximal steps."""
+    for p in params:
+        p.grad = None
+    value = regext.fused_penalty(params, l1, l2)
+    added = regext.add_penalty_grad_(params, l1, l2, l2_squared=True)
+    work = [p.detach().clone() for p in params]
+    regext.prox_l1_(work, threshold)
+    regext.prox_group_l2_(work, threshold)
+    regext.prox_l2_squared_(work, threshold)
+    return [value, added] + [p.grad for p in params] + work
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_changing_float_coefficients_recompile_at_most_once(dynamic):
+    params = [torch.randn(6, 5, requires_grad=True), torch.randn(9, requires_grad=True)]
+    calls = [(params, 0.1 * k, 0.05 * k, 0.01 * k) for k in range(1, 5)]
+    assert _recompiles(_step, calls, dynamic) <= (0 if dynamic else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_changing_tensor_coefficients_never_recompile(dtype):
+    params = [torch.randn(6, 5, requires_grad=True), torch.randn(9, requires_grad=True)]
+    calls = [(params, torch.tensor(0.1 * k, dtype=dtype), torch.tensor(0.05 * k, dtype=dtype),
+              torch.tensor(0.01 * k, dtype=dtype)) for k in range(1, 5)]
+    assert _recompiles(_step, calls) == 0
+
+
+def test_penalty_with_a_changing_coefficient_under_compile():
+    model = nn.Linear(5, 3)
+    pen = regext.Penalty(model, l1=0.1, l2=0.2)
+
+    def loss(scale):
+        pen.l1 = scale
+        return pen()
+
+    assert _recompiles(loss, [(0.1 * k,) for k in range(1, 5)]) <= 1
+    pen.l1 = torch.tensor(0.1)
+
+    def loss_tensor():
+        return pen()
+
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_tensor, fullgraph=True, backend=counter)
+    for k in range(1, 5):
+        pen.l1.fill_(0.1 * k)  # a schedule updating the tensor in place
+        torch.testing.assert_close(compiled(), regext.fused_penalty(model.parameters(),
+                                                                    0.1 * k, 0.2))
+    assert counter.frame_count == 1

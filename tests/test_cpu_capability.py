@@ -21,6 +21,7 @@ ORDER = ["default", "avx2", "avx512"]
 SCRIPT = r"""
 import sys, torch, regext
 torch.manual_seed(0)
+c = lambda v: torch.scalar_tensor(v, dtype=torch.float64)
 out = []
 for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     big = 6e4 if dt == torch.float16 else 1e20
@@ -28,16 +29,16 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     ps = [torch.randn(n).to(dt) for n in (0, 1, 15, 16, 17, 255, 256, 257, 1000, 32769, 70001)]
     ps[5][3] = float("nan"); ps[6][:] = tiny; ps[7][10] = big; ps[8][::3] = 0.0
     for sq in (False, True):
-        t, s = torch.ops.regext.penalty_forward(ps, 0.3, 0.7, sq)
-        g = torch.ops.regext.penalty_backward(torch.tensor(1.5), ps, s, 0.3, 0.7, sq)
+        t, s = torch.ops.regext.penalty_forward(ps, c(0.3), c(0.7), sq)
+        g = torch.ops.regext.penalty_backward(torch.tensor(1.5), ps, s, c(0.3), c(0.7), sq)
         out += [t, s] + list(g)
         gr = [torch.randn(p.shape).to(dt) for p in ps]
-        out += list(torch.ops.regext.penalty_forward_accumulate_(gr, ps, 0.3, 0.7, sq)) + gr
+        out += list(torch.ops.regext.penalty_forward_accumulate_(gr, ps, c(0.3), c(0.7), sq)) + gr
     q = [p.clone() for p in ps]
-    torch.ops.regext.prox_l1_(q, 0.5)
+    torch.ops.regext.prox_l1_(q, c(0.5))
     out += q
     q = [p.clone() for p in ps]
-    torch.ops.regext.prox_group_l2_(q, 3.0)
+    torch.ops.regext.prox_group_l2_(q, c(3.0))
     out += q
     out.append(torch.ops.regext.count_zeros(ps))
 torch.save(out, sys.argv[1])

@@ -164,3 +164,42 @@ def test_every_operator_on_cuda_matches_its_reference(name, index):
     got = outcome(name, getattr(torch.ops.regext, name), args)
     want = outcome(name, OPS[name].reference, args)
     assert_close_outcomes(got, want, param_dtype(args), f"{name} sample {index} on CUDA")
+
+
+def test_cuda_graph_replays_a_step_with_tensor_coefficients_updated_in_place():
+    """A schedule that updates device coefficient tensors between replays: the kernels
+    read them on the device, so the captured step uses each replay's values."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(32, 8).cuda()
+    l1 = torch.tensor(1e-3, device="cuda")
+    l2 = torch.tensor(1e-2, device="cuda")
+    threshold = torch.tensor(1e-4, device="cuda")
+    static_x = torch.randn(16, 32, device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=False)
+        loss = model(static_x).pow(2).mean() + regext.fused_penalty(model.parameters(), l1, l2)
+        loss.backward()
+        with torch.no_grad():
+            regext.prox_l1_(model.parameters(), threshold)
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for k in range(1, 4):
+        l1.fill_(1e-3 * k)
+        l2.fill_(1e-2 * k)
+        before = [p.detach().clone() for p in model.parameters()]
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = [p.clone().requires_grad_() for p in before]
+        out = torch.nn.functional.linear(static_x, ref[0], ref[1]).pow(2).mean()
+        eager = out + penalty_loop(ref, 1e-3 * k, 1e-2 * k)
+        torch.testing.assert_close(static_loss, eager.detach(), rtol=1e-5, atol=1e-6)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import regext
+from conftest import scalar
 
 
 @pytest.mark.parametrize("name", ["l1", "l2"])
-@pytest.mark.parametrize("bad", [-0.1, math.inf, -math.inf, math.nan, "0.1", None, True,
-                                 torch.tensor(0.1)])
+@pytest.mark.parametrize("bad", [-0.1, math.inf, -math.inf, math.nan, "0.1", None, True])
 def test_bad_coefficient_raises_value_error_naming_it(name, bad):
     p = torch.randn(3, requires_grad=True)
     kwargs = {"l1": 0.1, "l2": 0.1, name: bad}
@@ -58,9 +58,9 @@ def test_bad_element_late_in_long_list_raises_before_computing():
 
 def test_ops_check_their_arguments_too():
     with pytest.raises(TypeError, match=r"params\[1\] has dtype Long"):
-        torch.ops.regext.penalty_forward([torch.randn(2), torch.arange(3)], 0.1, 0.1, False)
+        torch.ops.regext.penalty_forward([torch.randn(2), torch.arange(3)], scalar(0.1), scalar(0.1), False)
     with pytest.raises(ValueError, match="l2 must be a finite number"):
-        torch.ops.regext.penalty_forward([torch.randn(2)], 0.1, -1.0, False)
+        torch.ops.regext.penalty_forward([torch.randn(2)], scalar(0.1), scalar(-1.0), False)
     with pytest.raises(RuntimeError, match="stats must be a contiguous float64"):
         torch.ops.regext.penalty_backward(torch.tensor(1.0), [torch.randn(2)],
-                                          torch.zeros(2, 2), 0.1, 0.1, False)
+                                          torch.zeros(2, 2), scalar(0.1), scalar(0.1), False)

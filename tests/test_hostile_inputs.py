@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import regext
+from conftest import scalar
 
 BAD_AT = 37
 N = 50
@@ -107,21 +108,21 @@ def test_errors_from_the_ops_name_position_and_dtype():
     params = [torch.randn(3) for _ in range(N)]
     params[BAD_AT] = torch.zeros(3, dtype=torch.int16)
     with pytest.raises(TypeError, match=rf"params\[{BAD_AT}\] has dtype Short"):
-        torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
+        torch.ops.regext.penalty_forward(params, scalar(0.1), scalar(0.2), False)
     params[BAD_AT] = torch.randn(3, dtype=torch.float64)[::2]  # fine: any dense dtype mix
-    torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
+    torch.ops.regext.penalty_forward(params, scalar(0.1), scalar(0.2), False)
 
 
 def test_accumulate_op_checks_everything_before_writing():
     params = [torch.randn(5) for _ in range(N)]
-    _, stats = torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
+    _, stats = torch.ops.regext.penalty_forward(params, scalar(0.1), scalar(0.2), False)
     grads = [torch.ones(5) for _ in range(N)]
     grads[BAD_AT] = torch.ones(6)  # wrong shape, late in the list
     with pytest.raises(RuntimeError, match=rf"grads\[{BAD_AT}\] has shape \[6\]"):
-        torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, 0.1, 0.2, False)
+        torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, scalar(0.1), scalar(0.2), False)
     grads[BAD_AT] = torch.ones(5, dtype=torch.float64)  # wrong dtype
     with pytest.raises(TypeError, match=rf"grads\[{BAD_AT}\] has dtype Double"):
-        torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, 0.1, 0.2, False)
+        torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, scalar(0.1), scalar(0.2), False)
     assert all(torch.equal(g, torch.ones_like(g)) for g in grads)
 
 

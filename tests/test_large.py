@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import regext
+from conftest import scalar
 
 LARGE = any(os.environ.get(v, "0") == "1" for v in ("REGEXT_LARGE_TESTS", "REGEXT_SLOW_TESTS"))
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -53,7 +54,7 @@ def test_float32_tensor_over_2_31_elements_gives_the_right_value():
     x = _fill(torch.float32)
     abs_sum, sq_sum = _reference_sums(x)
     t1 = time.perf_counter()
-    total, stats = torch.ops.regext.penalty_forward([x], 1e-3, 1e-2, False)
+    total, stats = torch.ops.regext.penalty_forward([x], scalar(1e-3), scalar(1e-2), False)
     t2 = time.perf_counter()
     torch.testing.assert_close(stats, torch.tensor([[abs_sum, sq_sum]], dtype=torch.float64),
                                rtol=1e-10, atol=0)

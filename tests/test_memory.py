@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import regext
+from conftest import scalar
 
 MiB = 1 << 20
 
@@ -56,9 +57,9 @@ def _one_step(i, params, frozen):
         out = regext.fused_penalty(params + frozen, 1e-3, 1e-2)
         torch.autograd.grad(out, params)
     else:  # the in-place operator on existing gradients
-        total, stats = torch.ops.regext.penalty_forward(params, 1e-3, 1e-2, False)
+        total, stats = torch.ops.regext.penalty_forward(params, scalar(1e-3), scalar(1e-2), False)
         grads = [torch.zeros_like(p) for p in params]
-        torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, 1e-3, 1e-2, False)
+        torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, scalar(1e-3), scalar(1e-2), False)
 
 
 def test_resident_memory_flat_over_10000_forward_backward_calls():

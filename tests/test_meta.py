@@ -12,6 +12,7 @@ import torch
 import regext
 
 from op_samples import cases, clone_args, flatten, sample
+from conftest import scalar
 
 
 def _to_meta(args):
@@ -75,13 +76,13 @@ def test_meta_double_backward():
 
 def test_meta_ops_directly():
     params = [torch.empty(2**20, 2**20, device="meta"), torch.empty(0, 3, device="meta")]
-    total, stats = torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
+    total, stats = torch.ops.regext.penalty_forward(params, scalar(0.1), scalar(0.2), False)
     assert total.device.type == "meta" and stats.shape == (2, 2) and stats.dtype == torch.float64
     grads = torch.ops.regext.penalty_backward(torch.empty((), device="meta"), params, stats,
-                                              0.1, 0.2, False)
+                                              scalar(0.1), scalar(0.2), False)
     assert [g.shape for g in grads] == [p.shape for p in params]
     torch.ops.regext.penalty_grad_accumulate_([torch.empty_like(p) for p in params], params,
-                                              stats, 0.1, 0.2, False)
+                                              stats, scalar(0.1), scalar(0.2), False)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "sliced",

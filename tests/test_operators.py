@@ -7,7 +7,7 @@ import torch
 
 import regext  # noqa: F401  (loads the operators)
 
-from conftest import random_params
+from conftest import random_params, scalar
 from op_samples import OPS, assert_close_outcomes, cases, outcome, param_dtype, sample
 
 
@@ -29,25 +29,25 @@ def _params(gen, device, dtype=torch.float32):
 
 def test_backward_with_stats_rows_equals_the_full_backward(device, gen):
     params = _params(gen, device)
-    _, stats = torch.ops.regext.penalty_forward(params, 0.1, 0.2, False)
+    _, stats = torch.ops.regext.penalty_forward(params, scalar(0.1), scalar(0.2), False)
     subset, rows = [params[4], params[0]], [4, 0]
     grad_total = torch.tensor(0.5, device=device)
-    got = torch.ops.regext.penalty_backward(grad_total, subset, stats, 0.1, 0.2, False, rows)
-    full = torch.ops.regext.penalty_backward(grad_total, params, stats, 0.1, 0.2, False)
+    got = torch.ops.regext.penalty_backward(grad_total, subset, stats, scalar(0.1), scalar(0.2), False, rows)
+    full = torch.ops.regext.penalty_backward(grad_total, params, stats, scalar(0.1), scalar(0.2), False)
     assert torch.equal(got[0], full[4]) and torch.equal(got[1], full[0])
     with pytest.raises(RuntimeError, match=r"stats_rows\[1\] = 9 is out of range"):
-        torch.ops.regext.penalty_backward(grad_total, subset, stats, 0.1, 0.2, False, [4, 9])
+        torch.ops.regext.penalty_backward(grad_total, subset, stats, scalar(0.1), scalar(0.2), False, [4, 9])
 
 
 def test_grad_accumulate_with_a_gradient_listed_twice(device, gen):
     (p,) = random_params(gen, [(300_000,)], device=device, requires_grad=False)
     grad = torch.randn(p.shape, generator=gen).to(device)
     expected = grad.clone()
-    _, stats = torch.ops.regext.penalty_forward([p], 0.1, 0.2, False)
+    _, stats = torch.ops.regext.penalty_forward([p], scalar(0.1), scalar(0.2), False)
     once = [g.clone() for g in [expected]]
-    torch.ops.regext.penalty_grad_accumulate_(once, [p], stats, 0.1, 0.2, False)
+    torch.ops.regext.penalty_grad_accumulate_(once, [p], stats, scalar(0.1), scalar(0.2), False)
     delta = once[0] - expected
-    torch.ops.regext.penalty_grad_accumulate_([grad, grad], [p, p], stats, 0.1, 0.2, False,
+    torch.ops.regext.penalty_grad_accumulate_([grad, grad], [p, p], stats, scalar(0.1), scalar(0.2), False,
                                               [0, 0])
     torch.testing.assert_close(grad, expected + 2 * delta)
 
@@ -55,8 +55,8 @@ def test_grad_accumulate_with_a_gradient_listed_twice(device, gen):
 def _two_op_reference(grads, params, l1, l2, l2_squared):
     """penalty_forward then penalty_grad_accumulate_, on copies of the gradients."""
     grads = [g.clone() for g in grads]
-    total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
-    torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, l1, l2, l2_squared)
+    total, stats = torch.ops.regext.penalty_forward(params, scalar(l1), scalar(l2), l2_squared)
+    torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, scalar(l1), scalar(l2), l2_squared)
     return total, stats, grads
 
 
@@ -76,7 +76,7 @@ def test_forward_accumulate_equals_forward_then_accumulate_bitwise(device, gen, 
     grads = [torch.randn(p.shape, generator=gen).to(dtype).to(device) for p in params]
     grads[-1] = grads[-1].t().contiguous().t()  # same strides as its parameter
     want_total, want_stats, want_grads = _two_op_reference(grads, params, 0.3, 0.7, l2_squared)
-    total, stats = torch.ops.regext.penalty_forward_accumulate_(grads, params, 0.3, 0.7,
+    total, stats = torch.ops.regext.penalty_forward_accumulate_(grads, params, scalar(0.3), scalar(0.7),
                                                                 l2_squared)
     assert torch.equal(total, want_total) and torch.equal(stats, want_stats)
     for g, w in zip(grads, want_grads):
@@ -100,7 +100,7 @@ def test_forward_accumulate_with_staged_duplicate_and_nan_cases(device, gen, l2_
         got = [g.clone() for g in gs]
         if len(gs) == 4:
             got[3] = got[1]  # the same gradient tensor twice, as for a repeated parameter
-        total, stats = torch.ops.regext.penalty_forward_accumulate_(got, params, 0.3, 0.7,
+        total, stats = torch.ops.regext.penalty_forward_accumulate_(got, params, scalar(0.3), scalar(0.7),
                                                                     l2_squared)
         torch.testing.assert_close(total, want_total, equal_nan=True, rtol=0, atol=0)
         torch.testing.assert_close(stats, want_stats, equal_nan=True, rtol=0, atol=0)
@@ -115,8 +115,8 @@ def test_forward_accumulate_bumps_gradient_versions_and_refuses_grad_mode(gen):
     params = random_params(gen, [(10,), (20, 3)], requires_grad=False)
     grads = [torch.zeros_like(p) for p in params]
     versions = [g._version for g in grads]
-    torch.ops.regext.penalty_forward_accumulate_(grads, params, 0.1, 0.2, True)
+    torch.ops.regext.penalty_forward_accumulate_(grads, params, scalar(0.1), scalar(0.2), True)
     assert all(g._version > v for g, v in zip(grads, versions))
     leaf = [torch.zeros(10, requires_grad=True), torch.zeros(20, 3, requires_grad=True)]
     with pytest.raises(RuntimeError, match="requires grad and grad mode is on"):
-        torch.ops.regext.penalty_forward_accumulate_(leaf, params, 0.1, 0.2, True)
+        torch.ops.regext.penalty_forward_accumulate_(leaf, params, scalar(0.1), scalar(0.2), True)

@@ -18,7 +18,7 @@ import torch
 import regext
 from regext.reference import penalty_float64
 
-from conftest import grads_of
+from conftest import grads_of, scalar
 
 HALF_TYPES = [torch.float16, torch.bfloat16]
 
@@ -107,8 +107,8 @@ def test_accumulate_op_handles_extreme_norms_too(device):
               torch.full((10_000,), 1e38, device=device)]
     start = [torch.ones_like(params[0]), torch.zeros_like(params[1])]
     grads = [g.clone() for g in start]
-    _, stats = torch.ops.regext.penalty_forward(params, 0.0, 1.0, False)
-    torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, 0.0, 1.0, False)
+    _, stats = torch.ops.regext.penalty_forward(params, scalar(0.0), scalar(1.0), False)
+    torch.ops.regext.penalty_grad_accumulate_(grads, params, stats, scalar(0.0), scalar(1.0), False)
     leaves = [p.clone().requires_grad_() for p in params]
     for g, g0, h in zip(grads, start, _f64_grads(leaves, 0.0, 1.0)):
         assert torch.isfinite(g).all()
@@ -156,8 +156,8 @@ def test_float64_gradient_with_extreme_coefficient_over_norm(device, l2, scale):
     # The in-place operator shares the kernel.
     x = p.detach()
     acc = [torch.zeros_like(x)]
-    _, stats = torch.ops.regext.penalty_forward([x], 0.0, l2, False)
-    torch.ops.regext.penalty_grad_accumulate_(acc, [x], stats, 0.0, l2, False)
+    _, stats = torch.ops.regext.penalty_forward([x], scalar(0.0), scalar(l2), False)
+    torch.ops.regext.penalty_grad_accumulate_(acc, [x], stats, scalar(0.0), scalar(l2), False)
     torch.testing.assert_close(acc[0], _f64_grads([p], 0.0, l2)[0], rtol=1e-12, atol=0)
 
 
@@ -167,7 +167,7 @@ BLOCK_LENGTHS = [256, 4096 + 17, 70_000]
 
 
 def _stats(p):
-    _, stats = torch.ops.regext.penalty_forward([p], 0.0, 0.0, False)
+    _, stats = torch.ops.regext.penalty_forward([p], scalar(0.0), scalar(0.0), False)
     return stats[0].tolist()
 
 

@@ -216,5 +216,111 @@ def test_bad_sources_and_excludes():
         regext.Penalty(model, 0.1, exclude=["*bias", 3])
     with pytest.raises(TypeError, match="exclude must be a callable"):
         regext.Penalty(model, 0.1, exclude=3)
-    with pytest.raises(TypeError, match=r"params\[0\] has dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"Penalty: steps has dtype torch.int64"):
         regext.Penalty([("steps", torch.arange(3))], 0.1)
+
+
+# ---- frozen parameters: decided at each call ----------------------------------------------
+
+def test_frozen_parameters_are_left_out_of_value_gradient_and_prox(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).to(device)
+    model[0].requires_grad_(False)  # fine-tuning the head only
+    pen = regext.Penalty(model, l1=1.0, exclude="*bias")
+    frozen_before = model[0].weight.detach().clone()
+    torch.testing.assert_close(pen(), penalty_loop([model[1].weight], 1.0, 0.0))
+    pen.add_grad_()
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+    pen.prox_(10.0)  # lr * l1 = 10: every free weight becomes exactly zero
+    assert torch.equal(model[0].weight.detach(), frozen_before)
+    assert torch.equal(model[1].weight.detach(), torch.zeros(2, 2, device=device))
+
+
+def test_unfreezing_brings_a_parameter_back(device):
+    model = nn.Linear(3, 3, bias=False).to(device)
+    pen = regext.Penalty(model, l1=0.5, l2=0.25)
+    model.weight.requires_grad_(False)
+    assert pen().item() == 0.0 and pen.add_grad_().item() == 0.0
+    model.weight.requires_grad_(True)
+    torch.testing.assert_close(pen(), penalty_loop([model.weight], 0.5, 0.25))
+
+
+def test_the_function_api_counts_frozen_tensors_as_the_loop_does(device):
+    model = nn.Linear(3, 3).to(device)
+    model.bias.requires_grad_(False)
+    params = list(model.parameters())
+    torch.testing.assert_close(regext.fused_penalty(params, 0.5, 0.25),
+                               penalty_loop(params, 0.5, 0.25))
+    before = model.bias.detach().clone()
+    regext.prox_l1_(params, 0.01)
+    assert not torch.equal(model.bias.detach(), before)  # explicit lists: updated too
+
+
+# ---- coefficients change between calls ----------------------------------------------------
+
+def test_coefficients_can_change_between_calls(device):
+    model = _net(device)
+    pen = regext.Penalty(model, l1=0.1, l2=0.2, exclude="*bias",
+                         overrides={"head.*": {"l2": 0.5}})
+    params = pen.parameters()
+    pen.l1 = 0.3
+    head = next(g for g in pen.groups if g.names == ("head.weight",))
+    others = [p for n, p in pen.named_parameters() if n != "head.weight"]
+    want = penalty_loop(others, 0.3, 0.2) + penalty_loop([head.params[0]], 0.3, 0.5)
+    torch.testing.assert_close(pen(), want)
+    head.l2 = torch.tensor(0.0)
+    torch.testing.assert_close(pen(), penalty_loop(others, 0.3, 0.2)
+                               + penalty_loop([head.params[0]], 0.3, 0.0))
+    head.l2 = None  # follows the Penalty's l2 again
+    torch.testing.assert_close(pen(), penalty_loop(params, 0.3, 0.2))
+    pen.l2 = lambda step: 0.1 * step
+    pen.step = 3
+    torch.testing.assert_close(pen(), penalty_loop(params, 0.3, 0.3))
+    with pytest.raises(ValueError, match="Penalty: l1 must be a finite number >= 0"):
+        pen.l1 = -1.0
+
+
+# ---- errors and warnings name the parameter -----------------------------------------------
+
+def test_errors_inside_penalty_name_the_parameter(device):
+    model = _net(device)
+    pen = regext.Penalty(model, l1=0.1, exclude="*bias")
+    model.embed.weight.grad = torch.zeros(20, 8, device=device).to_sparse()
+    with pytest.raises(TypeError, match=r"Penalty.add_grad_: embed.weight.grad has layout "
+                                        r"torch.sparse_coo"):
+        pen.add_grad_()
+    model.embed.weight.grad = None
+    model.head.weight.data = model.head.weight.data.to(torch.complex64)
+    with pytest.raises(TypeError, match=r"Penalty: head.weight has dtype torch.complex64"):
+        pen()
+    expanded = torch.zeros(1, device=device).expand(4).requires_grad_()
+    with pytest.raises(ValueError, match=r"Penalty.prox_: w has overlapping memory"):
+        regext.Penalty([("v", torch.zeros(3, device=device, requires_grad=True)),
+                        ("w", expanded)], l1=0.1).prox_(0.1)
+
+
+def test_error_if_nonfinite_names_the_offending_parameter(device):
+    model = _net(device)
+    with torch.no_grad():
+        model.block[3].weight[0, 0] = float("nan")
+    pen = regext.Penalty(model, l1=0.1, exclude="*bias", error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match=r"Penalty: the penalty is nan because block.3.weight"):
+        pen()
+    with pytest.raises(RuntimeError, match=r"Penalty.add_grad_: .*block.3.weight"):
+        pen.add_grad_()
+    assert all(p.grad is None for p in model.parameters())  # nothing was touched
+    assert torch.isnan(regext.Penalty(model, l1=0.1)())  # off by default: no error
+
+
+def test_excluding_a_tied_alias_warns_that_the_tensor_stays_penalized():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    with pytest.warns(UserWarning, match=r"'head.weight', an alias of 'emb.weight' .* stays "
+                                         r"penalized unless 'emb.weight' is matched too"):
+        pen = regext.Penalty(model, l1=0.1, exclude="head.weight")
+    assert pen.names == ("emb.weight",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        regext.Penalty(model, l1=0.1, exclude=["head.weight", "emb.weight"])

@@ -45,8 +45,8 @@ void compute_stats(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
         partial[c] = cpu::loops_for<scalar_t>().abs_sq_sums(data, chunk.length, exact);
       } else {
         auto* grad = static_cast<scalar_t*>(update->targets[chunk.tensor].data_ptr());
-        partial[c] = cpu::loops_for<scalar_t>().abs_sq_sums_add_grad(data, grad + chunk.begin, chunk.length, exact,
-                                               update->sign_coef, update->linear_coef);
+        partial[c] = cpu::loops_for<scalar_t>().abs_sq_sums_add_grad(
+            data, grad + chunk.begin, chunk.length, exact, update->sign_coef, update->linear_coef);
       }
     });
   });
@@ -91,17 +91,16 @@ at::Tensor CpuBackend::empty_like_dense(const at::Tensor& t) {
 }
 
 void CpuBackend::stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                                 const at::Tensor& total, double l1, double l2,
-                                 bool l2_squared) {
+                                 const at::Tensor& total, const at::Tensor& l1,
+                                 const at::Tensor& l2, bool l2_squared) {
   compute_stats(dense, stats);
-  write_total(stats, total, l1, l2, l2_squared);
+  write_total(stats, total, l1.item<double>(), l2.item<double>(), l2_squared);
 }
 
-void CpuBackend::stats_total_and_accumulate_squared(at::ArrayRef<at::Tensor> dense,
-                                                    at::ArrayRef<at::Tensor> targets,
-                                                    const at::Tensor& stats,
-                                                    const at::Tensor& total, double l1,
-                                                    double l2) {
+void CpuBackend::stats_total_and_accumulate_squared(
+    at::ArrayRef<at::Tensor> dense, at::ArrayRef<at::Tensor> targets, const at::Tensor& stats,
+    const at::Tensor& total, const at::Tensor& l1_tensor, const at::Tensor& l2_tensor) {
+  const double l1 = l1_tensor.item<double>(), l2 = l2_tensor.item<double>();
   // The squared form's gradient, l1 * sign(x) + 2 * l2 * x, needs no sums.
   const GradCoefficients k = grad_coefficients(1.0, 0.0, l1, l2, /*l2_squared=*/true);
   const SamePassUpdate update{targets, k.sign_coef, k.linear_coef};
@@ -110,13 +109,14 @@ void CpuBackend::stats_total_and_accumulate_squared(at::ArrayRef<at::Tensor> den
 }
 
 void CpuBackend::grads(const GradRequest& r) {
-  // A CPU scalar: reading it synchronizes with nothing.
+  // CPU scalars: reading them synchronizes with nothing.
   const double grad_total = r.grad_total.item<double>();
+  const double l1 = r.l1.item<double>(), l2 = r.l2.item<double>();
   const double* stats = r.stats.const_data_ptr<double>();
   std::vector<GradCoefficients> coefs(r.dense.size());
   for (size_t t = 0; t < r.dense.size(); ++t) {
-    coefs[t] = grad_coefficients(grad_total, stats[r.rows[t] * kStatsColumns + 1], r.l1, r.l2,
-                                 r.l2_squared);
+    coefs[t] =
+        grad_coefficients(grad_total, stats[r.rows[t] * kStatsColumns + 1], l1, l2, r.l2_squared);
   }
   const ChunkTable table = make_chunk_table(r.dense, kChunkElems);
   cpu::for_each_chunk(r.dense, table, [&](int64_t, const Chunk& chunk) {
@@ -125,8 +125,8 @@ void CpuBackend::grads(const GradRequest& r) {
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "penalty_backward", [&] {
       const auto* src = static_cast<const scalar_t*>(x.const_data_ptr()) + chunk.begin;
       auto* dst = static_cast<scalar_t*>(r.targets[chunk.tensor].data_ptr()) + chunk.begin;
-      cpu::loops_for<scalar_t>().penalty_grad(src, dst, chunk.length, k.sign_coef, k.linear_coef, k.linear_scale,
-                        r.accumulate);
+      cpu::loops_for<scalar_t>().penalty_grad(src, dst, chunk.length, k.sign_coef, k.linear_coef,
+                                              k.linear_scale, r.accumulate);
     });
   });
 }

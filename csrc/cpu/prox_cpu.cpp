@@ -13,19 +13,21 @@
 
 namespace regext {
 
-void CpuBackend::prox_l1(at::ArrayRef<at::Tensor> dense, double threshold) {
+void CpuBackend::prox_l1(at::ArrayRef<at::Tensor> dense, const at::Tensor& threshold_tensor) {
+  const double threshold = threshold_tensor.item<double>();
   const ChunkTable table = make_chunk_table(dense, kChunkElems);
   cpu::for_each_chunk(dense, table, [&](int64_t, const Chunk& chunk) {
     const at::Tensor& x = dense[chunk.tensor];
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prox_l1_", [&] {
-      cpu::loops_for<scalar_t>().soft_threshold_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin, chunk.length,
-                           threshold);
+      cpu::loops_for<scalar_t>().soft_threshold_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin,
+                                                 chunk.length, threshold);
     });
   });
 }
 
 void CpuBackend::prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                               double threshold) {
+                               const at::Tensor& threshold_tensor) {
+  const double threshold = threshold_tensor.item<double>();
   const double* s = stats.const_data_ptr<double>();
   std::vector<double> scales(dense.size());
   for (size_t t = 0; t < dense.size(); ++t) {
@@ -37,7 +39,8 @@ void CpuBackend::prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor&
     if (scale == 1.0) return;  // unchanged, bit for bit
     const at::Tensor& x = dense[chunk.tensor];
     REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prox_group_l2_", [&] {
-      cpu::loops_for<scalar_t>().scale_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin, chunk.length, scale);
+      cpu::loops_for<scalar_t>().scale_(static_cast<scalar_t*>(x.data_ptr()) + chunk.begin,
+                                        chunk.length, scale);
     });
   });
 }

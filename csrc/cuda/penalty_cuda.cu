@@ -11,8 +11,9 @@
 //   3. total_kernel: only when there were several batches (several dtypes or
 //      more than 1000 tensors): one block turns all of stats into the total.
 // Backward: grad_kernel, one block per chunk, one launch per batch; the
-// incoming gradient and the norms are read on the device: nothing here
-// synchronizes with the host, so a training step can be captured in a graph.
+// incoming gradient, the coefficients and the norms are read on the device:
+// nothing here synchronizes with the host, so a training step can be captured
+// in a graph.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -23,6 +24,7 @@
 #include "../compute_types.h"
 #include "../penalty_math.h"
 #include "block_reduce.cuh"
+#include "device_scalar.cuh"
 #include "launch.cuh"
 #include "tensor_batch.cuh"
 
@@ -112,8 +114,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     int i = threadIdx.x;
     // Four independent 16-byte loads in flight per thread before any use.
     for (; i + 3 * stride < num_vecs; i += 4 * stride) {
-      const Vec16<T> a = xv[i], b = xv[i + stride], c = xv[i + 2 * stride],
-                     d = xv[i + 3 * stride];
+      const Vec16<T> a = xv[i], b = xv[i + stride], c = xv[i + 2 * stride], d = xv[i + 3 * stride];
       if constexpr (kFloatRuns) {
         const FloatSums run = (float_sums(a) + float_sums(b)) + (float_sums(c) + float_sums(d));
         if (run.trusted(4 * V)) {
@@ -150,8 +151,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 // or float64. Called by all threads of one block.
 // (stats is written by the same kernel in combine_kernel: no __restrict__, whose
 // read-only-cache loads could be stale.)
-__device__ void write_total(const double* stats, int64_t num_rows, double l1,
-                            double l2, bool l2_squared, void* out, bool out_is_double) {
+__device__ void write_total(const double* stats, int64_t num_rows, DeviceScalar l1, DeviceScalar l2,
+                            bool l2_squared, void* out, bool out_is_double) {
   SumPair sums{0.0, 0.0};
   for (int64_t r = threadIdx.x; r < num_rows; r += blockDim.x) {
     sums.a += stats[r * kStatsColumns + 0];
@@ -162,7 +163,7 @@ __device__ void write_total(const double* stats, int64_t num_rows, double l1,
     PenaltyTotals totals;
     totals.sum_l1 = sums.a;
     totals.sum_l2 = sums.b;
-    const double value = totals.combine(l1, l2);
+    const double value = totals.combine(l1.get(), l2.get());
     if (out_is_double) {
       *static_cast<double*>(out) = value;
     } else {
@@ -173,8 +174,9 @@ __device__ void write_total(const double* stats, int64_t num_rows, double l1,
 
 __global__ void __launch_bounds__(kBlockThreads)
     combine_kernel(const __grid_constant__ TensorBatch batch, const SumPair* __restrict__ partials,
-                   double* __restrict__ stats, bool write_total_too, int64_t num_rows, double l1,
-                   double l2, bool l2_squared, void* total, bool total_is_double) {
+                   double* __restrict__ stats, bool write_total_too, int64_t num_rows,
+                   DeviceScalar l1, DeviceScalar l2, bool l2_squared, void* total,
+                   bool total_is_double) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int num_warps = blockDim.x >> 5;
@@ -197,8 +199,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 __global__ void __launch_bounds__(kBlockThreads)
-    total_kernel(const double* __restrict__ stats, int64_t num_rows, double l1, double l2,
-                 bool l2_squared, void* total, bool total_is_double) {
+    total_kernel(const double* __restrict__ stats, int64_t num_rows, DeviceScalar l1,
+                 DeviceScalar l2, bool l2_squared, void* total, bool total_is_double) {
   write_total(stats, num_rows, l1, l2, l2_squared, total, total_is_double);
 }
 
@@ -231,14 +233,13 @@ __device__ __forceinline__ void grad_chunk(const T* __restrict__ x, T* __restric
         result = ov[i];
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          result.v[e] = grad_of<T, C, true, kScaled>(in.v[e], result.v[e], sign_coef,
-                                                     linear_coef, scale);
+          result.v[e] =
+              grad_of<T, C, true, kScaled>(in.v[e], result.v[e], sign_coef, linear_coef, scale);
         }
       } else {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          result.v[e] = grad_of<T, C, false, kScaled>(in.v[e], T(0), sign_coef, linear_coef,
-                                                      scale);
+          result.v[e] = grad_of<T, C, false, kScaled>(in.v[e], T(0), sign_coef, linear_coef, scale);
         }
       }
       ov[i] = result;
@@ -254,8 +255,7 @@ __device__ __forceinline__ void grad_chunk(const T* __restrict__ x, T* __restric
 template <typename T, bool kAccumulate>
 __global__ void __launch_bounds__(kBlockThreads)
     grad_kernel(const __grid_constant__ TensorBatch batch, const double* __restrict__ stats,
-                const void* grad_total, bool grad_total_is_double, double l1, double l2,
-                bool l2_squared) {
+                DeviceScalar grad_total, DeviceScalar l1, DeviceScalar l2, bool l2_squared) {
   using C = typename ElementwiseCompute<T>::type;
   const ChunkSpan span = chunk_of_block(batch);
   const int j = span.tensor;
@@ -263,14 +263,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* __restrict__ x = static_cast<const T*>(batch.inputs[j]) + span.begin;
   T* __restrict__ out = static_cast<T*>(batch.outputs[j]) + span.begin;
 
-  const double g = grad_total_is_double ? *static_cast<const double*>(grad_total)
-                                        : static_cast<double>(*static_cast<const float*>(grad_total));
   const GradCoefficients k = grad_coefficients(
-      g, stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 1], l1, l2, l2_squared);
+      grad_total.get(), stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 1], l1.get(),
+      l2.get(), l2_squared);
   // The same choice for every thread of the block (one tensor per block).
   if (k.linear_scale != 1.0) {
-    grad_chunk<T, double, kAccumulate, true>(x, out, n, k.sign_coef, k.linear_coef,
-                                             k.linear_scale);
+    grad_chunk<T, double, kAccumulate, true>(x, out, n, k.sign_coef, k.linear_coef, k.linear_scale);
     return;
   }
   if constexpr (!std::is_same_v<C, double>) {
@@ -293,17 +291,19 @@ at::Tensor CudaBackend::empty_like_dense(const at::Tensor& t) {
 }
 
 void CudaBackend::stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                                  const at::Tensor& total, double l1, double l2,
-                                  bool l2_squared) {
+                                  const at::Tensor& total, const at::Tensor& l1_tensor,
+                                  const at::Tensor& l2_tensor, bool l2_squared) {
   const OnDevice on(stats.device());
+  const DeviceScalar l1 = device_scalar(l1_tensor, stats.device());
+  const DeviceScalar l2 = device_scalar(l2_tensor, stats.device());
   const std::vector<BatchPlan> plans = plan_batches(dense, {}, identity_rows(dense.size()));
   const int64_t num_rows = static_cast<int64_t>(dense.size());
   // A float64 result: every tensor summed in float64 (see ThreadSums).
   const bool total_is_double = total.scalar_type() == at::kDouble;
 
   // One slot per chunk, every slot written by exactly one block.
-  at::Tensor partials = at::empty({std::max<int64_t>(total_chunks(plans), 1), kStatsColumns},
-                                  stats.options());
+  at::Tensor partials =
+      at::empty({std::max<int64_t>(total_chunks(plans), 1), kStatsColumns}, stats.options());
   auto* partial_slots = reinterpret_cast<SumPair*>(partials.data_ptr<double>());
   for_each_batch(plans, [&](auto tag, const BatchPlan& plan) {
     using T = typename decltype(tag)::type;
@@ -312,24 +312,26 @@ void CudaBackend::stats_and_total(at::ArrayRef<at::Tensor> dense, const at::Tens
   });
   const bool single_batch = plans.size() == 1;
   for (const BatchPlan& plan : plans) {
-    launch(combine_kernel, 1, kBlockThreads, on.stream, plan.batch,
-           partial_slots + plan.chunk_base, stats.data_ptr<double>(), single_batch, num_rows, l1,
-           l2, l2_squared, total.data_ptr(), total_is_double);
+    launch(combine_kernel, 1, kBlockThreads, on.stream, plan.batch, partial_slots + plan.chunk_base,
+           stats.data_ptr<double>(), single_batch, num_rows, l1, l2, l2_squared, total.data_ptr(),
+           total_is_double);
   }
   if (!single_batch) {
-    launch(total_kernel, 1, kBlockThreads, on.stream, stats.const_data_ptr<double>(), num_rows,
-           l1, l2, l2_squared, total.data_ptr(), total_is_double);
+    launch(total_kernel, 1, kBlockThreads, on.stream, stats.const_data_ptr<double>(), num_rows, l1,
+           l2, l2_squared, total.data_ptr(), total_is_double);
   }
 }
 
 void CudaBackend::grads(const GradRequest& r) {
-  const OnDevice on(r.stats.device());
-  const bool grad_is_double = r.grad_total.scalar_type() == at::kDouble;
+  const c10::Device device = r.stats.device();
+  const OnDevice on(device);
+  const DeviceScalar grad_total = device_scalar(r.grad_total, device);
+  const DeviceScalar l1 = device_scalar(r.l1, device), l2 = device_scalar(r.l2, device);
   for_each_batch(plan_batches(r.dense, r.targets, r.rows), [&](auto tag, const BatchPlan& plan) {
     using T = typename decltype(tag)::type;
     launch(r.accumulate ? grad_kernel<T, true> : grad_kernel<T, false>, plan.num_chunks,
-           kBlockThreads, on.stream, plan.batch, r.stats.const_data_ptr<double>(),
-           r.grad_total.const_data_ptr(), grad_is_double, r.l1, r.l2, r.l2_squared);
+           kBlockThreads, on.stream, plan.batch, r.stats.const_data_ptr<double>(), grad_total, l1,
+           l2, r.l2_squared);
   });
 }
 

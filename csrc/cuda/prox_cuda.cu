@@ -12,6 +12,7 @@
 #include "../compute_types.h"
 #include "../penalty_math.h"
 #include "block_reduce.cuh"
+#include "device_scalar.cuh"
 #include "launch.cuh"
 #include "tensor_batch.cuh"
 
@@ -21,11 +22,11 @@ namespace {
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    prox_l1_kernel(const __grid_constant__ TensorBatch batch, double threshold) {
+    prox_l1_kernel(const __grid_constant__ TensorBatch batch, DeviceScalar threshold) {
   using C = typename ElementwiseCompute<T>::type;
   const ChunkSpan span = chunk_of_block(batch);
   T* __restrict__ x = static_cast<T*>(batch.outputs[span.tensor]) + span.begin;
-  const C t = static_cast<C>(threshold);
+  const C t = static_cast<C>(threshold.get());
 #pragma unroll 4
   for (int i = threadIdx.x; i < span.length; i += blockDim.x) {
     x[i] = static_cast<T>(soft_threshold(static_cast<C>(x[i]), t));
@@ -34,12 +35,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    group_shrink_kernel(const __grid_constant__ TensorBatch batch,
-                        const double* __restrict__ stats, double threshold) {
+    group_shrink_kernel(const __grid_constant__ TensorBatch batch, const double* __restrict__ stats,
+                        DeviceScalar threshold) {
   using P = typename ScaleCompute<T>::type;
   const ChunkSpan span = chunk_of_block(batch);
   const double scale = group_shrink_scale(
-      stats[static_cast<int64_t>(batch.row[span.tensor]) * kStatsColumns + 1], threshold);
+      stats[static_cast<int64_t>(batch.row[span.tensor]) * kStatsColumns + 1], threshold.get());
   if (scale == 1.0) return;  // unchanged, bit for bit (also NaN/inf norms)
   T* __restrict__ x = static_cast<T*>(batch.outputs[span.tensor]) + span.begin;
   const P s = static_cast<P>(scale);
@@ -65,11 +66,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 __global__ void __launch_bounds__(kBlockThreads)
     zero_count_combine_kernel(const __grid_constant__ TensorBatch batch,
-                              const int64_t* __restrict__ partials,
-                              int64_t* __restrict__ counts) {
+                              const int64_t* __restrict__ partials, int64_t* __restrict__ counts) {
   for (int j = threadIdx.x; j < batch.num_tensors; j += blockDim.x) {
     int64_t total = 0;
-    for (int32_t c = batch.chunk_prefix[j]; c < batch.chunk_prefix[j + 1]; ++c) total += partials[c];
+    for (int32_t c = batch.chunk_prefix[j]; c < batch.chunk_prefix[j + 1]; ++c)
+      total += partials[c];
     counts[batch.row[j]] = total;
   }
 }
@@ -84,9 +85,10 @@ std::vector<BatchPlan> in_place_plans(at::ArrayRef<at::Tensor> dense) {
 
 using namespace cuda;
 
-void CudaBackend::prox_l1(at::ArrayRef<at::Tensor> dense, double threshold) {
+void CudaBackend::prox_l1(at::ArrayRef<at::Tensor> dense, const at::Tensor& threshold_tensor) {
   if (dense.empty()) return;
   const OnDevice on(dense[0].device());
+  const DeviceScalar threshold = device_scalar(threshold_tensor, dense[0].device());
   for_each_batch(in_place_plans(dense), [&](auto tag, const BatchPlan& plan) {
     using T = typename decltype(tag)::type;
     launch(prox_l1_kernel<T>, plan.num_chunks, kBlockThreads, on.stream, plan.batch, threshold);
@@ -94,9 +96,10 @@ void CudaBackend::prox_l1(at::ArrayRef<at::Tensor> dense, double threshold) {
 }
 
 void CudaBackend::prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
-                                double threshold) {
+                                const at::Tensor& threshold_tensor) {
   if (dense.empty()) return;
   const OnDevice on(stats.device());
+  const DeviceScalar threshold = device_scalar(threshold_tensor, stats.device());
   for_each_batch(in_place_plans(dense), [&](auto tag, const BatchPlan& plan) {
     using T = typename decltype(tag)::type;
     launch(group_shrink_kernel<T>, plan.num_chunks, kBlockThreads, on.stream, plan.batch,

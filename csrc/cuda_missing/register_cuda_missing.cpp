@@ -21,12 +21,12 @@ struct MissingCudaBackend {
   static constexpr bool kSamePassSquaredAccumulate = false;
   static at::Tensor empty_like_dense(const at::Tensor&) { no_cuda_kernels(); }
   static void stats_and_total(at::ArrayRef<at::Tensor>, const at::Tensor&, const at::Tensor&,
-                              double, double, bool) {
+                              const at::Tensor&, const at::Tensor&, bool) {
     no_cuda_kernels();
   }
   static void grads(const GradRequest&) { no_cuda_kernels(); }
-  static void prox_l1(at::ArrayRef<at::Tensor>, double) { no_cuda_kernels(); }
-  static void prox_group_l2(at::ArrayRef<at::Tensor>, const at::Tensor&, double) {
+  static void prox_l1(at::ArrayRef<at::Tensor>, const at::Tensor&) { no_cuda_kernels(); }
+  static void prox_group_l2(at::ArrayRef<at::Tensor>, const at::Tensor&, const at::Tensor&) {
     no_cuda_kernels();
   }
   static void count_zeros(at::ArrayRef<at::Tensor>, const at::Tensor&) { no_cuda_kernels(); }
@@ -35,6 +35,4 @@ struct MissingCudaBackend {
 }  // namespace
 }  // namespace regext
 
-TORCH_LIBRARY_IMPL(regext, CUDA, m) {
-  regext::register_operators<regext::MissingCudaBackend>(m);
-}
+TORCH_LIBRARY_IMPL(regext, CUDA, m) { regext::register_operators<regext::MissingCudaBackend>(m); }

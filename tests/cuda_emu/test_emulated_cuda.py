@@ -16,6 +16,7 @@ import torch
 from emulated import (CPU, DTYPES, EMU, assert_bits_equal, exact_size, launches,
                       on_every_schedule, vector_width)
 from op_samples import OPS, assert_close_outcomes, cases, outcome, param_dtype, sample
+from conftest import scalar
 
 CHUNK = 32768
 
@@ -96,8 +97,8 @@ def forward_bound(params):
 
 
 def check_forward(params, l1, l2, l2_squared):
-    total, stats = on_every_schedule(lambda: EMU.penalty_forward(params, l1, l2, l2_squared))
-    cpu_total, cpu_stats = CPU.penalty_forward(params, l1, l2, l2_squared)
+    total, stats = on_every_schedule(lambda: EMU.penalty_forward(params, scalar(l1), scalar(l2), l2_squared))
+    cpu_total, cpu_stats = CPU.penalty_forward(params, scalar(l1), scalar(l2), l2_squared)
     check_stats(stats, params, cpu_stats, forward_bound(params))
     assert total.dtype == cpu_total.dtype and total.shape == ()
     want = expected_total(float64_stats(params), l1, l2, l2_squared)
@@ -136,21 +137,21 @@ def test_gradients_bitwise_equal_cpu(dtype, kind, coefs, accumulate):
     params = boundary_list(dtype, kind, gen)
     l1, l2 = coefs
     for l2_squared in (False, True):
-        _, stats = CPU.penalty_forward(params, l1, l2, l2_squared)
+        _, stats = CPU.penalty_forward(params, scalar(l1), scalar(l2), l2_squared)
         for grad_total in (torch.tensor(1.5), torch.tensor(-0.75, dtype=torch.float64)):
             if accumulate:
                 start = [make_values(p.numel(), dtype, "normal", gen) for p in params]
 
                 def run(op):
                     grads = [g.clone() for g in start]
-                    op.penalty_grad_accumulate_(grads, params, stats, l1, l2, l2_squared)
+                    op.penalty_grad_accumulate_(grads, params, stats, scalar(l1), scalar(l2), l2_squared)
                     return grads
                 got = on_every_schedule(lambda: run(EMU))
                 want = run(CPU)
             else:
                 got = on_every_schedule(lambda: EMU.penalty_backward(
-                    grad_total, params, stats, l1, l2, l2_squared))
-                want = CPU.penalty_backward(grad_total, params, stats, l1, l2, l2_squared)
+                    grad_total, params, stats, scalar(l1), scalar(l2), l2_squared))
+                want = CPU.penalty_backward(grad_total, params, stats, scalar(l1), scalar(l2), l2_squared)
             assert_bits_equal(got, want, f"gradients ({l2_squared=}, {grad_total=})")
 
 
@@ -158,12 +159,12 @@ def test_gradients_bitwise_equal_cpu(dtype, kind, coefs, accumulate):
 def test_gradients_of_a_subset_with_duplicates_in_stats_rows(dtype):
     gen = torch.Generator().manual_seed(13)
     params = boundary_list(dtype, "normal", gen)
-    _, stats = CPU.penalty_forward(params, 0.3, 0.7, False)
+    _, stats = CPU.penalty_forward(params, scalar(0.3), scalar(0.7), False)
     last = len(params) - 1
     subset, rows = [params[last], params[2], params[last]], [last, 2, last]
     got = on_every_schedule(lambda: EMU.penalty_backward(
-        torch.tensor(2.0), subset, stats, 0.3, 0.7, False, rows))
-    assert_bits_equal(got, CPU.penalty_backward(torch.tensor(2.0), subset, stats, 0.3, 0.7,
+        torch.tensor(2.0), subset, stats, scalar(0.3), scalar(0.7), False, rows))
+    assert_bits_equal(got, CPU.penalty_backward(torch.tensor(2.0), subset, stats, scalar(0.3), scalar(0.7),
                                                 False, rows), "backward with stats_rows")
 
     grad = make_values(params[last].numel(), dtype, "normal", gen)
@@ -171,7 +172,7 @@ def test_gradients_of_a_subset_with_duplicates_in_stats_rows(dtype):
 
     def accumulate(op):  # the same gradient tensor twice: both updates, in order
         g, h = grad.clone(), other.clone()
-        op.penalty_grad_accumulate_([g, h, g], subset, stats, 0.3, 0.7, False, rows)
+        op.penalty_grad_accumulate_([g, h, g], subset, stats, scalar(0.3), scalar(0.7), False, rows)
         return [g, h]
     assert_bits_equal(on_every_schedule(lambda: accumulate(EMU)), accumulate(CPU),
                       "accumulate with a gradient listed twice")
@@ -186,14 +187,14 @@ def test_forward_accumulate(dtype, l2_squared):
 
     def run():
         grads = [g.clone() for g in start]
-        total, stats = EMU.penalty_forward_accumulate_(grads, params, 0.25, 0.5, l2_squared)
+        total, stats = EMU.penalty_forward_accumulate_(grads, params, scalar(0.25), scalar(0.5), l2_squared)
         return total, stats, grads
     total, stats, grads = on_every_schedule(run)
-    want_total, want_stats = EMU.penalty_forward(params, 0.25, 0.5, l2_squared)
+    want_total, want_stats = EMU.penalty_forward(params, scalar(0.25), scalar(0.5), l2_squared)
     assert_bits_equal([total, stats], [want_total, want_stats], "forward of forward_accumulate_")
     # The gradients are those of the CPU kernel given the same stats.
     cpu_grads = [g.clone() for g in start]
-    CPU.penalty_grad_accumulate_(cpu_grads, params, stats, 0.25, 0.5, l2_squared)
+    CPU.penalty_grad_accumulate_(cpu_grads, params, stats, scalar(0.25), scalar(0.5), l2_squared)
     assert_bits_equal(grads, cpu_grads, "gradients of forward_accumulate_")
 
 
@@ -206,7 +207,7 @@ def test_prox_l1_bitwise_equal_cpu(dtype, kind, threshold):
 
     def run(op):
         xs = [exact_size(p.clone(), i % 8) for i, p in enumerate(params)]
-        op.prox_l1_(xs, threshold)
+        op.prox_l1_(xs, scalar(threshold))
         return xs
     assert_bits_equal(on_every_schedule(lambda: run(EMU)), run(CPU), "prox_l1_")
 
@@ -230,7 +231,7 @@ def test_prox_group_l2(dtype, kind):
     for threshold in (0.0, middle, 1e300):
         def run(op):
             xs = [p.clone() for p in params]
-            op.prox_group_l2_(xs, threshold)
+            op.prox_group_l2_(xs, scalar(threshold))
             return xs
         got, want = on_every_schedule(lambda: run(EMU)), run(CPU)
         for g, w in zip(got, want):
@@ -262,13 +263,13 @@ def test_several_batches(dtypes, num_tensors):
     params = many_tensors(num_tensors, gen, dtypes)
     stats = check_forward(params, 0.3, 0.6, False)
     assert_bits_equal(on_every_schedule(lambda: EMU.penalty_backward(
-        torch.tensor(1.0), params, stats, 0.3, 0.6, False)),
-        CPU.penalty_backward(torch.tensor(1.0), params, stats, 0.3, 0.6, False), "backward")
+        torch.tensor(1.0), params, stats, scalar(0.3), scalar(0.6), False)),
+        CPU.penalty_backward(torch.tensor(1.0), params, stats, scalar(0.3), scalar(0.6), False), "backward")
     assert torch.equal(EMU.count_zeros(params), CPU.count_zeros(params))
 
     def prox(op):
         xs = [p.clone() for p in params]
-        op.prox_l1_(xs, 0.5)
+        op.prox_l1_(xs, scalar(0.5))
         return xs
     assert_bits_equal(prox(EMU), prox(CPU), "prox_l1_")
 
@@ -279,12 +280,12 @@ def test_launches_per_call(num_tensors):
     the in-place steps: 1; every launch within CUDA's limits."""
     gen = torch.Generator().manual_seed(19)
     params = many_tensors(num_tensors, gen, (torch.float32,))
-    (_, stats), fwd = launches(lambda: EMU.penalty_forward(params, 0.1, 0.2, False))
+    (_, stats), fwd = launches(lambda: EMU.penalty_forward(params, scalar(0.1), scalar(0.2), False))
     assert len(fwd) <= 3, fwd
-    _, bwd = launches(lambda: EMU.penalty_backward(torch.tensor(1.0), params, stats, 0.1, 0.2,
+    _, bwd = launches(lambda: EMU.penalty_backward(torch.tensor(1.0), params, stats, scalar(0.1), scalar(0.2),
                                                    False))
     assert len(bwd) == 1, bwd
-    _, prox = launches(lambda: EMU.prox_l1_([p.clone() for p in params], 0.1))
+    _, prox = launches(lambda: EMU.prox_l1_([p.clone() for p in params], scalar(0.1)))
     assert len(prox) == 1, prox
     for blocks, threads, param_bytes in fwd + bwd + prox:
         assert param_bytes <= 32764 and threads <= 1024 and blocks >= 1
@@ -295,7 +296,7 @@ def test_a_kernel_argument_over_the_limit_would_be_refused():
     the largest, and it leaves room below the limit."""
     gen = torch.Generator().manual_seed(20)
     params = many_tensors(3, gen, (torch.float32,))
-    _, log = launches(lambda: EMU.penalty_forward(params, 0.1, 0.2, False))
+    _, log = launches(lambda: EMU.penalty_forward(params, scalar(0.1), scalar(0.2), False))
     assert max(row[2] for row in log) > 32000  # the TensorBatch travels in the argument
     assert max(row[2] for row in log) <= 32764
 
@@ -303,7 +304,7 @@ def test_a_kernel_argument_over_the_limit_would_be_refused():
 def test_float32_accuracy_on_twenty_million_normal_elements():
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(20_000_000, generator=gen)
-    _, stats = EMU.penalty_forward([x], 1.0, 1.0, False)
+    _, stats = EMU.penalty_forward([x], scalar(1.0), scalar(1.0), False)
     want = float64_stats([x])
     assert ((stats - want).abs() / want).max().item() <= FLOAT32_RUN_BOUND
 
@@ -315,7 +316,7 @@ def test_elements_whose_float32_squares_leave_float32_range(dtype, magnitude):
     summed again in float64, so the sums stay accurate (not 0, not inf)."""
     gen = torch.Generator().manual_seed(22)
     x = (magnitude * (1 + torch.rand(70_001, generator=gen, dtype=torch.float64))).to(dtype)
-    _, stats = EMU.penalty_forward([x], 1.0, 1.0, False)
+    _, stats = EMU.penalty_forward([x], scalar(1.0), scalar(1.0), False)
     want = float64_stats([x])
     assert torch.isfinite(stats).all() and (stats > 0).all()
     assert ((stats - want).abs() / want).max().item() <= FLOAT32_RUN_BOUND
@@ -327,7 +328,7 @@ def test_half_tensors_beside_float64_are_summed_in_float64():
     gen = torch.Generator().manual_seed(23)
     params = [torch.randn(98_000, generator=gen).half(), torch.randn(40_000, generator=gen).half(),
               torch.randn(10, generator=gen, dtype=torch.float64)]
-    total, stats = EMU.penalty_forward(params, 0.5, 0.5, False)
+    total, stats = EMU.penalty_forward(params, scalar(0.5), scalar(0.5), False)
     assert total.dtype == torch.float64
     want = float64_stats(params)
     assert ((stats - want).abs() / want).max().item() <= EXACT_BOUND

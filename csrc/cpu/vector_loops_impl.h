@@ -78,7 +78,8 @@ template <int H>
   return H == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
                 : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 #elif REGEXT_FLOAT_LANES == 8
-  return H == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3) : __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return H == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3)
+                : __builtin_shufflevector(v, v, 4, 5, 6, 7);
 #else
   return H == 0 ? __builtin_shufflevector(v, v, 0, 1) : __builtin_shufflevector(v, v, 2, 3);
 #endif
@@ -90,8 +91,9 @@ template <int H>
 template <int H>
 REGEXT_INLINE DoubleV widen(FloatV v) {
 #if defined(__x86_64__) && REGEXT_FLOAT_LANES == 16
+  // The zero-masked forms: GCC 12's unmasked ones warn about an "undefined" operand.
   return reinterpret_cast<DoubleV>(
-      _mm512_cvtps_pd(H == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1)));
+      _mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, v, H)));
 #elif defined(__x86_64__) && REGEXT_FLOAT_LANES == 8
   return reinterpret_cast<DoubleV>(
       _mm256_cvtps_pd(H == 0 ? _mm256_castps256_ps128(v) : _mm256_extractf128_ps(v, 1)));
@@ -303,8 +305,7 @@ template <typename T>
 void penalty_grad(const T* x, T* out, int64_t n, double sign_coef, double linear_coef,
                   double linear_scale, bool accumulate) {
   if (linear_scale != 1.0) {
-    penalty_grad_impl<T, double, true>(x, out, n, sign_coef, linear_coef, linear_scale,
-                                       accumulate);
+    penalty_grad_impl<T, double, true>(x, out, n, sign_coef, linear_coef, linear_scale, accumulate);
     return;
   }
   using Compute = typename ElementwiseCompute<T>::type;
@@ -425,11 +426,11 @@ int64_t count_zeros(const T* x, int64_t n) {
 template <typename T>
 constexpr LoopsFor<T> loops() {
   return {&abs_sq_sums<T>, &abs_sq_sums_add_grad<T>, &penalty_grad<T>, &soft_threshold_<T>,
-          &scale_<T>, &count_zeros<T>};
+          &scale_<T>,      &count_zeros<T>};
 }
 
-constexpr VectorLoops kLoops{REGEXT_ISA_NAME, loops<float>(), loops<double>(),
-                             loops<c10::Half>(), loops<c10::BFloat16>()};
+constexpr VectorLoops kLoops{REGEXT_ISA_NAME, loops<float>(), loops<double>(), loops<c10::Half>(),
+                             loops<c10::BFloat16>()};
 
 }  // namespace
 }  // namespace regext::cpu::REGEXT_ISA

@@ -313,11 +313,14 @@ class Penalty:
             names.append(name)
         return params, names, same_device
 
-    def _calls(self, func):
+    def _calls(self, func, only=None):
         """(group, active params, their names, same device, l1, l2) for every group
-        with at least one active parameter."""
+        with at least one active parameter (among `only`, a set of ids, if given)."""
         for group, sharded in zip(self._groups, self._sharded):
             params, names, same_device = self._active(func, group)
+            if only is not None:
+                kept = [(p, n) for p, n in zip(params, names) if id(p) in only]
+                params, names = [p for p, _ in kept], [n for _, n in kept]
             if params:
                 yield (group, params, names, same_device and not sharded,
                        self._coefficient("l1", group.l1), self._coefficient("l2", group.l2))
@@ -339,18 +342,25 @@ class Penalty:
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
-    def add_grad_(self):
+    def add_grad_(self, *, scale=None):
         """``p.grad += d(penalty)/dp`` in place for the selected parameters that
-        require grad (see :func:`regext.add_penalty_grad_`); returns the detached value."""
+        require grad (see :func:`regext.add_penalty_grad_`); returns the detached value.
+
+        ``scale`` (a number or 0-dim tensor) multiplies the gradient added, for
+        gradients that are still scaled by an AMP loss scale (:meth:`attach` passes a
+        fused optimizer's ``grad_scale``).
+        """
         func = "Penalty.add_grad_"
         total = None
         for group, params, names, _, l1, l2 in self._calls(func):
+            if scale is not None:
+                l1, l2 = l1 * scale, l2 * scale
             value = add_penalty_grad_checked(func, params, l1, l2, group.l2_squared, names=names,
                                              error_if_nonfinite=self.error_if_nonfinite)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
-    def prox_(self, lr):
+    def prox_(self, lr, *, only=None):
         """The proximal step of ``lr ×`` this penalty, in place, per group:
 
         * L1 part: soft-thresholding by ``lr·l1`` (:func:`regext.prox_l1_`), which
@@ -363,11 +373,13 @@ class Penalty:
         lasso) or of ``lr·(l1‖x‖₁ + l2‖x‖₂²)`` (elastic net) for each tensor. Use it
         after an optimizer step on the data loss *without* the penalty
         (proximal gradient descent); ``lr`` should be the optimizer's step size (a
-        number or a 0-dim tensor). Parameters that do not require grad are left alone.
+        number or a 0-dim tensor). Parameters that do not require grad are left alone;
+        ``only`` (a set of ``id(parameter)``) restricts the step to those parameters
+        (:meth:`attach` steps each optimizer group with its own learning rate).
         """
         func = "Penalty.prox_"
         lr = coefficient(func, "lr", lr)
-        for group, params, names, _, l1, l2 in self._calls(func):
+        for group, params, names, _, l1, l2 in self._calls(func, only):
             self._prox_group(func, group, params, names, lr, l1, l2)
 
     def _prox_group(self, func, group, params, names, lr, l1, l2):
@@ -379,6 +391,60 @@ class Penalty:
                 prox_l2_squared_checked(params, lr * l2)
             else:
                 prox_group_l2_checked(func, params, lr * l2, names)
+
+    # -- training loops ------------------------------------------------------------
+
+    def attach(self, optimizer, mode="grad", *, warmup_steps=0):
+        """Applies this penalty at every ``optimizer.step()``; returns a handle whose
+        ``remove()`` detaches it (training is then exactly as without regext).
+
+        * ``mode="grad"``: before each step, ``pen.add_grad_()`` adds the penalty's
+          gradient to ``.grad`` (in the gradients' current AMP scale, see below).
+        * ``mode="prox"``: after each step, the proximal step of the penalty with each
+          parameter's own learning rate at that step (its param group's ``lr``, so LR
+          schedulers and per-group rates are honoured): soft-thresholding for L1, group
+          shrinkage for the Euclidean L2, multiplicative decay for ``l2_squared``
+          (decoupled weight decay).
+
+        ``pen.step`` advances by one at each optimizer step and is what schedules
+        (callable coefficients) see; for the first ``warmup_steps`` steps the penalty is
+        not applied. Only real optimizer steps count, so gradient accumulation works.
+        Frozen parameters are left alone (see the class docstring); every parameter the
+        Penalty selects must be in the optimizer (ValueError naming it otherwise);
+        optimizer parameters the Penalty does not select are left alone.
+
+        AMP (``torch.amp.GradScaler``): ``scaler.step(optimizer)`` unscales the
+        gradients and calls ``step()``, or skips it when they hold inf/NaN; then no
+        hook runs and no penalty is applied. Fused optimizers (``fused=True``) unscale
+        inside ``step()``, which runs even when the update is skipped: grad mode adds
+        the gradient times ``optimizer.grad_scale``, and prox mode multiplies its
+        learning rates by ``found_inf == 0``, on the device, without synchronizing.
+        Works with torch.optim SGD, Adam and AdamW, foreach and fused; see
+        :class:`regext.optim.PenaltyAttachment`.
+        """
+        from regext.optim import PenaltyAttachment
+        return PenaltyAttachment(self, optimizer, mode, warmup_steps)
+
+    def state_dict(self):
+        """The state a resumed run needs: ``step`` and the coefficients (numbers and
+        tensors; a callable schedule is code, kept by the new Penalty's constructor)."""
+        return {"step": self.step, "l1": _saved(self._l1), "l2": _saved(self._l2),
+                "groups": [{"l1": _saved(g._l1), "l2": _saved(g._l2)} for g in self._groups]}
+
+    def load_state_dict(self, state):
+        """Restores :meth:`state_dict`'s state into a Penalty built the same way."""
+        if len(state["groups"]) != len(self._groups):
+            raise ValueError(f"Penalty.load_state_dict: the state has {len(state['groups'])} "
+                             f"groups but this Penalty has {len(self._groups)}; build it with "
+                             f"the same selection and overrides")
+        self.step = int(state["step"])
+        for key in ("l1", "l2"):
+            if not _is_schedule(state[key]):
+                setattr(self, key, state[key])
+        for group, saved in zip(self._groups, state["groups"]):
+            for key in ("l1", "l2"):
+                if not _is_schedule(saved[key]):
+                    setattr(group, key, saved[key])
 
     # -- inspection ----------------------------------------------------------------
 
@@ -415,6 +481,19 @@ class Penalty:
                            for g in self._groups)
         return (f"Penalty({len(self._selected)} tensors, {numel} elements, "
                 f"{len(self._excluded)} excluded; groups: [{groups}])")
+
+
+_SCHEDULE = "schedule"  # a callable in a state dict
+
+
+def _is_schedule(saved):
+    return isinstance(saved, str) and saved == _SCHEDULE
+
+
+def _saved(spec):
+    if isinstance(spec, torch.Tensor):
+        return spec.detach().clone()
+    return _SCHEDULE if callable(spec) else spec
 
 
 def _maybe_positive(c):

@@ -2,7 +2,7 @@
 
     leaves    _dtensor, _validation, _grad, _meta, reference, _named
     adapters  penalty (autograd), distributed (all DTensor logic)
-    features  grad, prox, sparsity, selection, optim, groups
+    features  grad, prox, sparsity, groups, optim, selection
     package   __init__
 
 A module may import only modules of lower layers (or, among leaves, leaves that
@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
     ["_dtensor", "_validation", "_grad", "_meta", "reference", "_named"],
     ["distributed", "penalty"],
-    ["grad", "prox", "sparsity", "groups", "selection", "optim"],
+    ["grad", "prox", "sparsity", "groups", "optim", "selection"],
     ["__init__"],
 ]
 RANK = {name: (layer, i) for layer, names in enumerate(LAYERS) for i, name in enumerate(names)}

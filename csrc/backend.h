@@ -18,6 +18,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
+
+#include "groups.h"
 
 namespace regext {
 
@@ -33,6 +36,19 @@ struct GradRequest {
   bool accumulate;  // targets[t] += ... instead of targets[t] = ...
 };
 
+// The group lasso's gradient (csrc/groups.h): layouts[t] describes dense[t] and
+// the stats row of its group 0.
+struct GroupGradRequest {
+  at::ArrayRef<at::Tensor> dense;
+  at::ArrayRef<at::Tensor> targets;
+  const std::vector<GroupLayout>& layouts;
+  const at::Tensor& stats;
+  const at::Tensor& grad_total;
+  const at::Tensor& l1;
+  const at::Tensor& l2;
+  bool accumulate;
+};
+
 // Both backends provide these static functions (csrc/cpu/*.cpp, csrc/cuda/*.cu):
 //   empty_like_dense(t)             a new tensor with the sizes and strides of dense `t`
 //   stats_and_total(dense, stats, total, l1, l2, l2_squared)
@@ -45,6 +61,15 @@ struct GradRequest {
 //                                   a factor of exactly 1 leaves the tensor untouched
 //   count_zeros(dense, counts)      counts[t] = elements of dense[t] equal to +-0
 //                                   (`counts`: int64 [n] on the tensors' device)
+// and, for the group lasso (csrc/groups.h: `layouts[t]` describes dense[t]),
+//   group_stats_and_total(dense, layouts, stats, total, l1, l2)
+//                                   stats[first_row + g] = (sum |x|, sum x^2) of group g,
+//                                   total = l1 * sum |x| + l2 * sum_g w_g ||x_g||_2
+//   group_grads(request)            writes or adds every gradient:
+//                                   l1 sign(x) + l2 w_g x / ||x_g||, times grad_total
+//   prox_group_lasso(dense, layouts, stats, threshold)
+//                                   each group *= group_shrink_scale(its sum x^2,
+//                                   threshold * w_g); a factor of 1 leaves it untouched
 // and say in kSamePassSquaredAccumulate whether they also have
 //   stats_total_and_accumulate_squared(dense, targets, stats, total, l1, l2)
 //                                   stats_and_total(l2_squared = true) and, in the
@@ -66,6 +91,14 @@ struct CpuBackend {
   static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
                             const at::Tensor& threshold);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
+  static void group_stats_and_total(at::ArrayRef<at::Tensor> dense,
+                                    const std::vector<GroupLayout>& layouts,
+                                    const at::Tensor& stats, const at::Tensor& total,
+                                    const at::Tensor& l1, const at::Tensor& l2);
+  static void group_grads(const GroupGradRequest& request);
+  static void prox_group_lasso(at::ArrayRef<at::Tensor> dense,
+                               const std::vector<GroupLayout>& layouts, const at::Tensor& stats,
+                               const at::Tensor& threshold);
 };
 
 struct CudaBackend {
@@ -79,6 +112,14 @@ struct CudaBackend {
   static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
                             const at::Tensor& threshold);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
+  static void group_stats_and_total(at::ArrayRef<at::Tensor> dense,
+                                    const std::vector<GroupLayout>& layouts,
+                                    const at::Tensor& stats, const at::Tensor& total,
+                                    const at::Tensor& l1, const at::Tensor& l2);
+  static void group_grads(const GroupGradRequest& request);
+  static void prox_group_lasso(at::ArrayRef<at::Tensor> dense,
+                               const std::vector<GroupLayout>& layouts, const at::Tensor& stats,
+                               const at::Tensor& threshold);
 };
 
 }  // namespace regext

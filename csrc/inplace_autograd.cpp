@@ -45,8 +45,7 @@ void inplace_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   if (c10::GradMode::is_enabled()) {
     size_t index = 0;
     for_each_mutated(op, stack, [&](const at::Tensor& t) {
-      TORCH_CHECK(!t.requires_grad(), op.schema().name(),
-                  ": cannot modify tensor ", index,
+      TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": cannot modify tensor ", index,
                   " in place: it requires grad and grad mode is on. Call it under "
                   "torch.no_grad() (the regext Python functions do).");
       ++index;
@@ -68,8 +67,9 @@ void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   for (const at::Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();
 }
 
-constexpr const char* kInplaceOps[] = {"penalty_grad_accumulate_", "penalty_forward_accumulate_",
-                                       "prox_l1_", "prox_group_l2_"};
+constexpr const char* kInplaceOps[] = {
+    "penalty_grad_accumulate_", "penalty_forward_accumulate_",    "prox_l1_",
+    "prox_group_l2_",           "group_penalty_grad_accumulate_", "prox_group_lasso_"};
 
 }  // namespace
 

@@ -45,6 +45,37 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, const 
   return {total, stats};
 }
 
+// New gradients for penalty_backward: a dense parameter's gradient gets its
+// memory layout (channels-last stays channels-last), as empty_like and the fake
+// kernel give. Only when a strided view suggests a layout other than its dense
+// copy's is the gradient computed in a staging tensor (`targets`) and copied.
+struct GradOutputs {
+  std::vector<at::Tensor> grads, targets;
+  std::vector<size_t> staged;
+  std::vector<at::Tensor> finish() {
+    for (size_t t : staged) grads[t].copy_(targets[t]);
+    return std::move(grads);
+  }
+};
+
+template <typename Backend>
+GradOutputs new_grad_outputs(at::TensorList params, const std::vector<at::Tensor>& dense) {
+  GradOutputs out;
+  out.grads.reserve(dense.size());
+  out.targets.reserve(dense.size());
+  for (size_t t = 0; t < dense.size(); ++t) {
+    out.grads.push_back(dense[t].is_same(params[t]) ? Backend::empty_like_dense(params[t])
+                                                    : at::empty_like(params[t]));
+    if (out.grads[t].strides() == dense[t].strides()) {
+      out.targets.push_back(out.grads[t]);
+    } else {
+      out.targets.push_back(at::empty_like(dense[t]));
+      out.staged.push_back(t);
+    }
+  }
+  return out;
+}
+
 template <typename Backend>
 std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::TensorList params,
                                          const at::Tensor& stats, const at::Tensor& l1,
@@ -60,27 +91,10 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
       resolve_stats_rows(op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
 
   const std::vector<at::Tensor> dense = as_dense(params);
-  // A dense parameter's gradient gets its memory layout (channels-last stays
-  // channels-last), as empty_like and the fake kernel give. Only when a strided
-  // view suggests a layout other than its dense copy's is the gradient staged.
-  std::vector<at::Tensor> grads, targets;
-  std::vector<size_t> staged;
-  grads.reserve(dense.size());
-  targets.reserve(dense.size());
-  for (size_t t = 0; t < dense.size(); ++t) {
-    grads.push_back(dense[t].is_same(params[t]) ? Backend::empty_like_dense(params[t])
-                                                : at::empty_like(params[t]));
-    if (grads[t].strides() == dense[t].strides()) {
-      targets.push_back(grads[t]);
-    } else {
-      targets.push_back(at::empty_like(dense[t]));
-      staged.push_back(t);
-    }
-  }
-  Backend::grads(GradRequest{dense, targets, stats, rows, grad_total, l1, l2, l2_squared,
+  GradOutputs out = new_grad_outputs<Backend>(params, dense);
+  Backend::grads(GradRequest{dense, out.targets, stats, rows, grad_total, l1, l2, l2_squared,
                              /*accumulate=*/false});
-  for (size_t t : staged) grads[t].copy_(targets[t]);
-  return grads;
+  return out.finish();
 }
 
 // grads[t] += d(penalty)/d(params[t]) from `stats`, in list order: the runs of

@@ -15,7 +15,8 @@
 
 namespace regext {
 
-// Calls update(dense) for each alias-free run of `params`, in list order.
+// Calls update(dense, first) for each alias-free run params[first, first + dense.size()),
+// in list order.
 // Dense tensors are updated where they lie; any other view through a
 // contiguous copy that is written back before the next run starts.
 template <typename Update>
@@ -23,7 +24,7 @@ void update_in_place(at::TensorList params, Update&& update) {
   const std::vector<size_t> runs = alias_free_runs(params);
   for (size_t r = 0; r + 1 < runs.size(); ++r) {
     const std::vector<at::Tensor> dense = as_dense(params.slice(runs[r], runs[r + 1] - runs[r]));
-    update(dense);
+    update(dense, runs[r]);
     for (size_t t = runs[r]; t < runs[r + 1]; ++t) {
       const at::Tensor& d = dense[t - runs[r]];
       if (!d.is_same(params[t])) params[t].copy_(d);
@@ -35,8 +36,9 @@ template <typename Backend>
 void prox_l1_(at::TensorList params, const at::Tensor& threshold) {
   constexpr const char* op = "regext::prox_l1_";
   check_coefficient(op, "threshold", threshold, check_mutable_list(op, params));
-  update_in_place(
-      params, [&](const std::vector<at::Tensor>& dense) { Backend::prox_l1(dense, threshold); });
+  update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t) {
+    Backend::prox_l1(dense, threshold);
+  });
 }
 
 template <typename Backend>
@@ -46,7 +48,7 @@ void prox_group_l2_(at::TensorList params, const at::Tensor& threshold) {
   check_coefficient(op, "threshold", threshold, device);
   const auto options = at::TensorOptions().device(device);
   const at::Tensor zero = at::zeros({}, at::kDouble);  // no total is needed
-  update_in_place(params, [&](const std::vector<at::Tensor>& dense) {
+  update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t) {
     // The norms come from penalty_forward's own stats pass (float64 sums).
     const at::Tensor stats =
         at::empty({static_cast<int64_t>(dense.size()), kStatsColumns}, options.dtype(at::kDouble));

@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 
+#include "group_ops.h"
 #include "penalty_ops.h"
 #include "prox_ops.h"
 
@@ -18,6 +19,10 @@ void register_operators(torch::Library& m) {
   m.impl("prox_l1_", &prox_l1_<Backend>);
   m.impl("prox_group_l2_", &prox_group_l2_<Backend>);
   m.impl("count_zeros", &count_zeros<Backend>);
+  m.impl("group_penalty_forward", &group_penalty_forward<Backend>);
+  m.impl("group_penalty_backward", &group_penalty_backward<Backend>);
+  m.impl("group_penalty_grad_accumulate_", &group_penalty_grad_accumulate_<Backend>);
+  m.impl("prox_group_lasso_", &prox_group_lasso_<Backend>);
 }
 
 }  // namespace regext

@@ -48,6 +48,29 @@ inline void define_operators(torch::Library& m) {
   m.def("prox_group_l2_(Tensor(a!)[] params, Tensor threshold) -> ()");
   // int64 [len(params)]: elements equal to +0 or -0 per tensor (regext.sparsity_report).
   m.def("count_zeros(Tensor[] params) -> Tensor");
+
+  // The group lasso (csrc/groups.h): params[t] is split into groups along
+  // group_dims[t] (-1: one group, 0: rows, 1: columns; a tensor of fewer than 2
+  // dims is one group), each weighted by w_g = sqrt(its size) with sqrt_size, else 1.
+  // l1 * sum ||p||_1 + l2 * sum_g w_g ||g||_2 in one read: the 0-dim total and float64
+  // stats [number of groups, 2] = (sum |x|, sum x^2) per group, in list order.
+  m.def(
+      "group_penalty_forward(Tensor[] params, int[] group_dims, Tensor l1, Tensor l2,"
+      " bool sqrt_size) -> (Tensor total, Tensor stats)");
+  // grad_total * d(penalty)/d(params[t]), one pass; the groups of params[t] use
+  // stats rows first_rows[t], first_rows[t] + 1, ... (default: list order).
+  m.def(
+      "group_penalty_backward(Tensor grad_total, Tensor[] params, int[] group_dims, Tensor stats,"
+      " Tensor l1, Tensor l2, bool sqrt_size, int[]? first_rows=None) -> Tensor[]");
+  // grads[t] += d(penalty)/d(params[t]) in list order.
+  m.def(
+      "group_penalty_grad_accumulate_(Tensor(a!)[] grads, Tensor[] params, int[] group_dims,"
+      " Tensor stats, Tensor l1, Tensor l2, bool sqrt_size, int[]? first_rows=None) -> ()");
+  // Group shrinkage of every group in place, threshold * w_g, in list order
+  // (regext.prox_group_l2_ with group=).
+  m.def(
+      "prox_group_lasso_(Tensor(a!)[] params, int[] group_dims, Tensor threshold,"
+      " bool sqrt_size) -> ()");
 }
 
 }  // namespace regext

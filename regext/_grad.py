@@ -10,10 +10,15 @@ and differentiating it again is exact too.
 
 import torch
 
+from regext import _groups
+from regext._groups import PER_TENSOR
 
-def backward_grads(grad_total, params, stats, rows, l1, l2, l2_squared, reduce_dots=None):
+
+def backward_grads(grad_total, params, stats, rows, l1, l2, l2_squared, reduce_dots=None, *,
+                   grouping=PER_TENSOR):
     """``grad_total * d(penalty)/d(params[i])`` for every tensor of `params`, whose
-    sums are row ``rows[i]`` of `stats` (rows None: row i).
+    sums are row ``rows[i]`` of `stats` (rows None: row i; for groups, the row of
+    the tensor's group 0, regext._groups.stats_rows).
 
     `reduce_dots`, for shards of larger tensors (regext.distributed), sums a float64
     [len(params), 2] tensor of per-tensor dot products across ranks, in place; the
@@ -21,6 +26,11 @@ def backward_grads(grad_total, params, stats, rows, l1, l2, l2_squared, reduce_d
     """
     if not params:
         return []
+    if not grouping.per_tensor:
+        if torch.is_grad_enabled():
+            return group_grads_differentiable(grad_total, params, l1, l2, grouping)
+        return list(_groups.penalty_backward(grad_total, params, stats, l1, l2, False, rows,
+                                             grouping))
     if torch.is_grad_enabled():
         return list(PenaltyGrad.apply(l1, l2, l2_squared, rows, reduce_dots, grad_total, stats,
                                       *params))
@@ -28,7 +38,27 @@ def backward_grads(grad_total, params, stats, rows, l1, l2, l2_squared, reduce_d
                                                   rows))
 
 
-def coefficient_grads(ctx_needs, grad_total, stats, params, l2_squared):
+def group_grads_differentiable(grad_total, params, l1, l2, grouping):
+    """The group lasso's gradient as float64 torch operations (for create_graph=True):
+    ``grad_total * (l1 sign(x) + l2 w_g x / ||x_g||)``, 0 where ``||x_g|| = 0`` (where
+    the second derivative is 0 too), NaN where the norm is NaN; torch differentiates it
+    again. Slower than the kernel (several passes per tensor)."""
+    g = grad_total.to(torch.float64)
+    l1_64, l2_64 = l1.to(g.device, torch.float64), l2.to(g.device, torch.float64)
+    grads = []
+    for p in params:
+        x = p.to(torch.float64)
+        rows = grouping.rows_of(x)
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        zero = norms == 0
+        unit = torch.where(zero, torch.zeros_like(rows), rows / torch.where(zero, 1.0, norms))
+        weight = rows.shape[1] ** 0.5 if grouping.sqrt_size else 1.0
+        grad_rows = g * (l1_64 * rows.sign() + (l2_64 * weight) * unit)
+        grads.append(grouping.from_rows(grad_rows, x).to(p.dtype))
+    return grads
+
+
+def coefficient_grads(ctx_needs, grad_total, stats, params, l2_squared, grouping=PER_TENSOR):
     """Gradients of the penalty with respect to l1 and l2 (None where not needed):
     the summed L1 norms and the summed L2 terms, times grad_total. From the float64
     stats, or, with grad mode on and plain `params` given, recomputed
@@ -39,11 +69,19 @@ def coefficient_grads(ctx_needs, grad_total, stats, params, l2_squared):
     if torch.is_grad_enabled() and params is not None:
         xs = [p.to(torch.float64) for p in params]
         sum_l1 = sum((x.abs().sum() for x in xs), torch.zeros((), dtype=torch.float64))
-        terms = (x.pow(2).sum() if l2_squared else torch.linalg.vector_norm(x) for x in xs)
+        if grouping.per_tensor:
+            terms = (x.pow(2).sum() if l2_squared else torch.linalg.vector_norm(x) for x in xs)
+        else:
+            terms = (torch.linalg.vector_norm(rows, dim=1).sum()
+                     * (rows.shape[1] ** 0.5 if grouping.sqrt_size else 1.0)
+                     for rows in map(grouping.rows_of, xs))
         sum_l2 = sum(terms, torch.zeros((), dtype=torch.float64))
-    else:
+    elif grouping.per_tensor:
         sum_l1 = stats[:, 0].sum()
         sum_l2 = (stats[:, 1] if l2_squared else stats[:, 1].sqrt()).sum()
+    else:
+        sum_l1 = stats[:, 0].sum()
+        sum_l2 = (stats[:, 1].sqrt() * grouping.weights(params).to(stats.device)).sum()
     g = grad_total.to(torch.float64)
     return (g * sum_l1 if need_l1 else None), (g * sum_l2 if need_l2 else None)
 

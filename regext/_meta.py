@@ -62,3 +62,36 @@ def _prox_group_l2_fake(params, threshold):
 @torch.library.register_fake("regext::count_zeros")
 def _count_zeros_fake(params):
     return torch.empty((len(params),), dtype=torch.int64, device=_device_of(params))
+
+
+def _groups_of(params, group_dims):
+    torch._check(len(group_dims) == len(params),
+                 lambda: f"regext: group_dims has {len(group_dims)} entries but there are "
+                         f"{len(params)} params")
+    return sum(1 if d < 0 or p.dim() < 2 else p.shape[d] for p, d in zip(params, group_dims))
+
+
+@torch.library.register_fake("regext::group_penalty_forward")
+def _group_penalty_forward_fake(params, group_dims, l1, l2, sqrt_size):
+    device = _device_of(params, l1=l1, l2=l2)
+    total = torch.empty((), dtype=result_dtype(params), device=device)
+    stats = torch.empty((_groups_of(params, group_dims), 2), dtype=torch.float64, device=device)
+    return total, stats
+
+
+@torch.library.register_fake("regext::group_penalty_backward")
+def _group_penalty_backward_fake(grad_total, params, group_dims, stats, l1, l2, sqrt_size,
+                                 first_rows=None):
+    _device_of(params, l1=l1, l2=l2)
+    return [torch.empty_like(p) for p in params]
+
+
+@torch.library.register_fake("regext::group_penalty_grad_accumulate_")
+def _group_penalty_grad_accumulate_fake(grads, params, group_dims, stats, l1, l2, sqrt_size,
+                                        first_rows=None):
+    _device_of(params, l1=l1, l2=l2)
+
+
+@torch.library.register_fake("regext::prox_group_lasso_")
+def _prox_group_lasso_fake(params, group_dims, threshold, sqrt_size):
+    _device_of(params, threshold=threshold)

@@ -66,6 +66,7 @@ __all__ = [
     "prox_group_l2_dtensor_",
     "scale_dtensor_",
     "zero_counts_dtensor",
+    "check_per_tensor",
     "make_plan",
     "reduce_rows",
     "unpermute_rows",
@@ -93,6 +94,16 @@ class Plan:
         self.zero_ranges = zero_ranges  # [(start, end)): rows this rank sends as 0
         self.group = group              # the process group of the all_reduce
         self.layouts = layouts          # per caller position: (mesh, placements, shape, stride) or None
+
+
+def check_per_tensor(func, grouping):
+    """NotImplementedError for groups other than whole tensors on DTensors."""
+    if not grouping.per_tensor:
+        raise NotImplementedError(
+            f"{func}: group={grouping.kind!r}"
+            f"{', group_weight=' + repr('sqrt_size') if grouping.sqrt_size else ''} is not "
+            f"supported for DTensor (FSDP2 / tensor-parallel) parameters yet: a shard may "
+            f"split a group; use group='tensor' and no group_weight for them")
 
 
 def _shard_dims(func, what, p):

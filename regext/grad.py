@@ -10,7 +10,9 @@ import enum
 import torch
 
 from regext import distributed
+from regext import _groups
 from regext._dtensor import has_dtensor
+from regext._groups import PER_TENSOR
 from regext._validation import (check_no_self_overlap, coefficient, indices_by_device, label,
                                 materialize_params)
 from regext.penalty import raise_if_nonfinite
@@ -73,12 +75,11 @@ def plan_actions(func, params, names=None):
     return plan
 
 
-def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
+def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared, grouping=PER_TENSOR):
     """p.grad += d(penalty)/dp for the parameters of one device, following `plan`."""
-    n = len(params)
 
-    def stats_rows(rows):  # which stats row each listed parameter uses; None: all, in order
-        return None if len(rows) == n else rows
+    def stats_rows(rows):  # where each listed parameter's stats are; None: all, in order
+        return _groups.stats_rows(grouping, params, rows)
 
     def rows_of(kind):
         return [i for i, k in enumerate(plan) if k == kind]
@@ -86,8 +87,8 @@ def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
     def accumulate(rows):
         if rows:
             ps = [params[i] for i in rows]
-            torch.ops.regext.penalty_grad_accumulate_(
-                [p.grad for p in ps], ps, stats, l1, l2, l2_squared, stats_rows(rows))
+            _groups.penalty_grad_accumulate_([p.grad for p in ps], ps, stats, l1, l2, l2_squared,
+                                             stats_rows(rows), grouping)
 
     # Existing gradients first: the operator checks them all before writing any.
     accumulate(rows_of(GradAction.ACCUMULATE))
@@ -96,14 +97,15 @@ def _add_grads_one_device(params, plan, stats, total, l1, l2, l2_squared):
         ps = [params[i] for i in created]
         # Out of place, straight into new tensors: no zeros-then-add pass.
         ones = torch.ones((), dtype=total.dtype, device=total.device)
-        grads = torch.ops.regext.penalty_backward(ones, ps, stats, l1, l2, l2_squared,
-                                                  stats_rows(created))
+        grads = _groups.penalty_backward(ones, ps, stats, l1, l2, l2_squared,
+                                         stats_rows(created), grouping)
         for p, g in zip(ps, grads):
             p.grad = g
     accumulate(rows_of(GradAction.REPEAT))
 
 
-def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinite=False):
+def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
+                      group_weight=None, error_if_nonfinite=False):
     """Adds the gradient of ``l1·Σ‖p‖₁ + l2·Σ‖p‖₂`` into every ``p.grad``, in place.
 
     Call it after ``loss.backward()`` instead of adding ``fused_penalty`` to the loss:
@@ -117,8 +119,9 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonf
             ``.grad`` is left alone. A ``.grad`` that is ``None`` is created (with
             the parameter's dtype and memory layout). A tensor listed twice gets
             twice the gradient, as with ``fused_penalty``.
-        l1, l2, l2_squared, error_if_nonfinite: as in :func:`regext.fused_penalty`
-            (``error_if_nonfinite`` raises before any gradient is touched).
+        l1, l2, l2_squared, group, group_weight, error_if_nonfinite: as in
+            :func:`regext.fused_penalty` (``error_if_nonfinite`` raises before any
+            gradient is touched).
 
     Returns:
         The penalty value, a detached 0-dim tensor with ``fused_penalty``'s dtype and
@@ -126,8 +129,8 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonf
         first parameter's device). An empty iterable gives ``tensor(0.)``.
 
     Raises:
-        ValueError: a bad ``l1``/``l2``; an existing ``.grad`` with the wrong shape or
-            device, or with overlapping memory.
+        ValueError: a bad ``l1``/``l2``, ``group`` or ``group_weight``; an existing
+            ``.grad`` with the wrong shape or device, or with overlapping memory.
         TypeError: an element that is not a strided real floating-point tensor; an
             existing ``.grad`` that is sparse or of another dtype.
         RuntimeError: with ``error_if_nonfinite=True``, a NaN or infinite penalty.
@@ -136,13 +139,14 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonf
     func = "add_penalty_grad_"
     l1 = coefficient(func, "l1", l1)
     l2 = coefficient(func, "l2", l2)
+    grouping = _groups.grouping(func, group, group_weight, bool(l2_squared))
     params = materialize_params(func, params)
     return add_penalty_grad_checked(func, params, l1, l2, bool(l2_squared),
-                                    error_if_nonfinite=error_if_nonfinite)
+                                    error_if_nonfinite=error_if_nonfinite, grouping=grouping)
 
 
 def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
-                             error_if_nonfinite=False):
+                             error_if_nonfinite=False, grouping=PER_TENSOR):
     """add_penalty_grad_ for a checked list and coefficient tensors (Penalty's path);
     `names` name the parameters in errors."""
     check = None
@@ -150,6 +154,7 @@ def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
         def check(total):  # before any gradient is touched
             raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names)
     if has_dtensor(params):
+        distributed.check_per_tensor(func, grouping)
         # Sharded parameters (FSDP2 / DTensor): local shards, one all_reduce of the
         # per-tensor sums, gradients as DTensors with the parameters' placements.
         return distributed.add_penalty_grad_dtensor_(params, l1, l2, l2_squared, func=func,
@@ -164,20 +169,22 @@ def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
                 groups.append((params, plan))
             else:
                 groups.append(([params[i] for i in rows], [plan[i] for i in rows]))
-        if check is None and all(k == GradAction.ACCUMULATE for k in plan):
+        if check is None and grouping.per_tensor and all(
+                k == GradAction.ACCUMULATE for k in plan):
             # The usual step (every .grad exists): one operator per device; in the
             # squared form it reads each parameter once, computing sums and gradient
             # together.
             totals = [torch.ops.regext.penalty_forward_accumulate_(
                 [p.grad for p in group], group, l1, l2, l2_squared)[0] for group, _ in groups]
         else:
-            forwards = [torch.ops.regext.penalty_forward(group, l1, l2, l2_squared)
+            forwards = [_groups.penalty_forward(group, l1, l2, l2_squared, grouping)
                         for group, _ in groups]
             totals = [total for total, _ in forwards]
             if check is not None:
                 check(_sum_on_first(totals))
             for (group, group_plan), (total, stats) in zip(groups, forwards):
-                _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared)
+                _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared,
+                                      grouping)
     return _sum_on_first(totals)
 
 

@@ -2,8 +2,9 @@
 
 import torch
 
-from regext import distributed
+from regext import _groups, distributed
 from regext._dtensor import has_dtensor, local_of
+from regext._groups import PER_TENSOR
 from regext._grad import backward_grads, coefficient_grads
 from regext._validation import coefficient, label, materialize_params_and_device
 
@@ -11,8 +12,9 @@ from regext._validation import coefficient, label, materialize_params_and_device
 class _FusedPenalty(torch.autograd.Function):
     """Penalty over tensors that share one device (dtypes may differ).
 
-    forward: one torch.ops.regext.penalty_forward call reads every tensor once
-    and keeps per-tensor sums (`stats`, O(#tensors) floats) for the backward.
+    forward: one torch.ops.regext.penalty_forward call (group_penalty_forward for
+    groups) reads every tensor once and keeps per-tensor (per-group) sums (`stats`,
+    O(#groups) floats) for the backward.
     backward: one penalty_backward call writes every needed gradient from
     `stats` (regext._grad), with no reduction and no host synchronization.
     A torch.autograd.Function rather than torch.library.register_autograd: the
@@ -21,36 +23,36 @@ class _FusedPenalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, l1, l2, l2_squared, *params):
-        total, stats = torch.ops.regext.penalty_forward(params, l1, l2, l2_squared)
+    def forward(ctx, l1, l2, l2_squared, grouping, *params):
+        total, stats = _groups.penalty_forward(list(params), l1, l2, l2_squared, grouping)
         ctx.save_for_backward(stats, l1, l2, *params)
-        ctx.l2_squared = l2_squared
+        ctx.l2_squared, ctx.grouping = l2_squared, grouping
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         stats, l1, l2, *params = ctx.saved_tensors
         # Frozen parameters cost nothing: only the needed ones, each told its stats row.
-        rows = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        rows = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         grads = [None] * len(params)
         subset = backward_grads(grad_total, [params[i] for i in rows], stats,
-                                None if len(rows) == len(params) else rows, l1, l2,
-                                ctx.l2_squared)
+                                _groups.stats_rows(ctx.grouping, params, rows), l1, l2,
+                                ctx.l2_squared, grouping=ctx.grouping)
         for i, g in zip(rows, subset):
             grads[i] = g
         d_l1, d_l2 = coefficient_grads(ctx.needs_input_grad[:2], grad_total, stats, params,
-                                       ctx.l2_squared)
+                                       ctx.l2_squared, ctx.grouping)
         if d_l1 is not None:
             d_l1 = d_l1.to(l1.device, l1.dtype)
         if d_l2 is not None:
             d_l2 = d_l2.to(l2.device, l2.dtype)
-        return (d_l1, d_l2, None, *grads)
+        return (d_l1, d_l2, None, None, *grads)
 
 
-def penalty_on_one_device(params, l1, l2, l2_squared):
+def penalty_on_one_device(params, l1, l2, l2_squared, grouping=PER_TENSOR):
     """fused_penalty for a checked, non-empty list of plain tensors on one device;
     l1 and l2 are coefficient tensors (regext._validation.coefficient)."""
-    return _FusedPenalty.apply(l1, l2, l2_squared, *params)
+    return _FusedPenalty.apply(l1, l2, l2_squared, grouping, *params)
 
 
 def _group_by_device(params):
@@ -60,7 +62,8 @@ def _group_by_device(params):
     return list(groups.values())
 
 
-def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinite=False):
+def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
+                  group_weight=None, error_if_nonfinite=False):
     """``l1 * sum_p ||p||_1 + l2 * sum_p ||p||_2`` over all tensors, fused.
 
     Args:
@@ -83,6 +86,18 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinit
         l2: coefficient of the summed L2 terms, as ``l1``.
         l2_squared: if True the L2 term of each tensor is ``||p||_2 ** 2`` (ridge /
             weight-decay form) instead of the Euclidean norm ``||p||_2``.
+        group: what one Euclidean norm covers (the group lasso; Yuan & Lin 2006,
+            Wen et al. 2016): ``"tensor"`` (default: the whole tensor, the loop's
+            ``torch.norm(p, 2)``), ``"row"`` (each slice ``p[i]`` along dim 0: the
+            output neurons of a Linear, the filters of a Conv) or ``"column"`` (each
+            slice ``p[:, j]`` along dim 1: input features, input channels). The L2 term
+            is then ``sum_g w_g * ||g||_2`` over the groups, which drives whole rows or
+            columns to zero. A tensor with fewer than 2 dims (a bias) is one group. The
+            L1 term is unchanged. Not with ``l2_squared`` (squared group norms add up to
+            the tensor's) nor with DTensors (NotImplementedError).
+        group_weight: ``None`` (w_g = 1) or ``"sqrt_size"``: w_g = sqrt(number of
+            elements of the group), the usual group-lasso scaling (torchao's
+            ``ProxGroupLasso``); also applies with ``group="tensor"``.
         error_if_nonfinite: if True, a NaN or infinite penalty raises RuntimeError naming
             the first tensor whose norms are not finite (as
             ``torch.nn.utils.clip_grad_norm_`` does). This reads the value on the host:
@@ -99,7 +114,9 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinit
         An empty iterable gives ``tensor(0.)``.
 
     Raises:
-        ValueError: ``l1`` or ``l2`` is not a finite number >= 0.
+        ValueError: ``l1`` or ``l2`` is not a finite number >= 0; an unknown ``group`` or
+            ``group_weight``, or either one with ``l2_squared=True``.
+        NotImplementedError: ``group`` or ``group_weight`` with DTensor parameters.
         TypeError: an element is not a tensor, or not a strided real floating-point
             tensor; the message names its position and dtype. A coefficient tensor that
             is not 0-dim floating point.
@@ -109,25 +126,28 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, error_if_nonfinit
     l1 = coefficient(func, "l1", l1)
     l2 = coefficient(func, "l2", l2)
     l2_squared = bool(l2_squared)
+    grouping = _groups.grouping(func, group, group_weight, l2_squared)
     params, same_device = materialize_params_and_device(func, params)
     if not params:
         return torch.zeros(())
-    total = penalty_of_checked(params, l1, l2, l2_squared, same_device)
+    total = penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping, func=func)
     if error_if_nonfinite:
         raise_if_nonfinite(func, total, params, l1, l2, l2_squared)
     return total
 
 
-def penalty_of_checked(params, l1, l2, l2_squared, same_device):
+def penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping=PER_TENSOR, *,
+                       func="fused_penalty"):
     """fused_penalty for a checked, non-empty list: DTensors, one device, or several."""
     if has_dtensor(params):
+        distributed.check_per_tensor(func, grouping)
         # Sharded (FSDP2 / DTensor) parameters: local shards, one all_reduce.
         return distributed.fused_penalty_dtensor(params, l1, l2, l2_squared)
     if same_device:
-        return penalty_on_one_device(params, l1, l2, l2_squared)
+        return penalty_on_one_device(params, l1, l2, l2_squared, grouping)
     first_device = params[0].device
     # Mixed devices: one fused call per device, summed on the first device.
-    totals = [penalty_on_one_device(group, l1, l2, l2_squared).to(first_device)
+    totals = [penalty_on_one_device(group, l1, l2, l2_squared, grouping).to(first_device)
               for group in _group_by_device(params)]
     total = totals[0]
     for t in totals[1:]:

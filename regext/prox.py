@@ -1,5 +1,5 @@
-"""Proximal steps in place: soft-thresholding (L1), group shrinkage (per-tensor L2)
-and multiplicative decay (squared L2, i.e. decoupled weight decay).
+"""Proximal steps in place: soft-thresholding (L1), group shrinkage (per-tensor,
+per-row or per-column L2: the group lasso) and multiplicative decay (squared L2, i.e. decoupled weight decay).
 
     optimizer.step()                              # gradient step on the data loss
     regext.prox_l1_(model.parameters(), lr * l1)  # then shrink: exact zeros
@@ -11,8 +11,9 @@ proximal gradient descent (ISTA; Parikh & Boyd, "Proximal Algorithms", 2014, §6
 
 import torch
 
-from regext import distributed
+from regext import _groups, distributed
 from regext._dtensor import has_dtensor
+from regext._groups import PER_TENSOR
 from regext._validation import check_writable, coefficient, indices_by_device, materialize_params
 
 
@@ -58,31 +59,47 @@ def prox_l1_checked(params, threshold):
             torch.ops.regext.prox_l1_([params[i] for i in rows], threshold)
 
 
-def prox_group_l2_(params, threshold):
-    """Per-tensor group shrinkage in place: ``x ← x·max(0, 1 − threshold/‖x‖₂)``.
+def prox_group_l2_(params, threshold, *, group="tensor", group_weight=None):
+    """Group shrinkage in place: ``x_g ← x_g·max(0, 1 − threshold·w_g/‖x_g‖₂)`` per group.
 
-    The proximal step of ``threshold·‖x‖₂`` for each tensor, i.e. of the
-    per-tensor-norm penalty ``fused_penalty(params, l2=...)`` (non-squared): a
-    tensor whose norm is at most ``threshold`` becomes all zeros (the whole group
-    is switched off), every other tensor is scaled towards zero. Norms are
-    accumulated in float64. A tensor whose norm is NaN or inf is left unchanged.
-    Same arguments, list-order semantics and errors as :func:`prox_l1_`.
+    The proximal operator of ``threshold·Σ_g w_g‖x_g‖₂`` (block soft-thresholding;
+    Parikh & Boyd, "Proximal Algorithms", 2014, §6.5.4), i.e. of the non-squared
+    penalty ``fused_penalty(params, l2=..., group=..., group_weight=...)``: a group
+    whose norm is at most ``threshold·w_g`` becomes all zeros (the whole group is
+    switched off), every other group is scaled towards zero. With the default
+    ``group="tensor"`` each tensor is one group; ``"row"`` and ``"column"`` zero
+    whole neurons, filters or input channels (see :func:`regext.fused_penalty`; a
+    tensor with fewer than 2 dims is one group). ``group_weight="sqrt_size"``:
+    ``w_g = sqrt(elements of g)``, as torchao's ``ProxGroupLasso``. Norms are
+    accumulated in float64, in one read of the parameters before the one
+    read-and-write pass. A group whose norm is NaN or inf is left unchanged.
+
+    Same arguments, list-order semantics and errors as :func:`prox_l1_`, plus
+    ValueError for an unknown ``group`` or ``group_weight`` and NotImplementedError
+    for either with DTensor parameters.
     """
     func = "prox_group_l2_"
     threshold = coefficient(func, "threshold", threshold)
+    grouping = _groups.grouping(func, group, group_weight)
     params = materialize_params(func, params)
     check_writable(func, params)
-    prox_group_l2_checked(func, params, threshold)
+    prox_group_l2_checked(func, params, threshold, grouping=grouping)
 
 
-def prox_group_l2_checked(func, params, threshold, names=None):
+def prox_group_l2_checked(func, params, threshold, names=None, grouping=PER_TENSOR):
     """prox_group_l2_ for a checked, writable list and a threshold tensor."""
     with torch.no_grad():
         if has_dtensor(params):
+            distributed.check_per_tensor(func, grouping)
             distributed.prox_group_l2_dtensor_(params, threshold, func=func, names=names)
             return
         for rows in indices_by_device(params):
-            torch.ops.regext.prox_group_l2_([params[i] for i in rows], threshold)
+            subset = [params[i] for i in rows]
+            if grouping.per_tensor:
+                torch.ops.regext.prox_group_l2_(subset, threshold)
+            else:
+                torch.ops.regext.prox_group_lasso_(subset, grouping.dims(subset), threshold,
+                                                   grouping.sqrt_size)
 
 
 def prox_l2_squared_(params, threshold):

@@ -8,7 +8,9 @@ benchmarks time it. `penalty_float64` is the ground truth for accuracy.
 `penalty_foreach` is the best one can do with stock torch._foreach_norm.
 `prox_l1_reference`, `prox_group_l2_reference` and `count_zeros_reference` define
 what the operators compute, in torch ops, one tensor at a time in list order; the
-tests compare the kernels with them bit for bit.
+tests compare the kernels with them bit for bit. `group_rows_reference`,
+`group_lasso_float64` and `prox_group_lasso_reference` do the same for the group
+lasso (groups along a dimension, regext/_groups.py).
 """
 
 import torch
@@ -89,3 +91,43 @@ def prox_group_l2_reference(params, threshold):
 def count_zeros_reference(params):
     """int64 [len(params)]: elements equal to +0 or -0 per tensor."""
     return torch.stack([(p == 0).sum() for p in params]).to(torch.int64)
+
+
+def group_rows_reference(x, dim):
+    """`x` in float64 as [groups, elements per group]: one row per slice along `dim`
+    (0 or 1) for tensors of 2 or more dims, else (or for dim -1) one row."""
+    x = x.to(torch.float64)
+    if dim < 0 or x.dim() < 2:
+        return x.reshape(1, -1)
+    n = x.shape[dim]
+    return x.movedim(dim, 0).reshape(n, x.numel() // n if n else 0)
+
+
+def group_lasso_float64(params, group_dims, l1=0.0, l2=0.0, sqrt_size=False):
+    """l1 * sum ||p||_1 + l2 * sum_g w_g ||g||_2 in float64 (differentiable), groups
+    along group_dims[t]; w_g = sqrt(elements of g) with sqrt_size, else 1."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p, dim in zip(params, group_dims):
+        rows = group_rows_reference(p, dim)
+        weight = rows.shape[1] ** 0.5 if sqrt_size else 1.0
+        total = total + l1 * rows.abs().sum() + l2 * weight * torch.linalg.vector_norm(
+            rows, dim=1).sum()
+    return total
+
+
+def prox_group_lasso_reference(params, group_dims, threshold, sqrt_size=False):
+    """Each group g of each tensor, in list order: x_g <- x_g * max(0, 1 - t w_g / ||x_g||)
+    (float64 norms; the product in float64, float32 for the half types)."""
+    for p, dim in zip(params, group_dims):
+        if p.numel() == 0:
+            continue
+        rows = group_rows_reference(p, dim)
+        weight = rows.shape[1] ** 0.5 if sqrt_size else 1.0
+        t = torch.as_tensor(threshold, dtype=torch.float64, device=rows.device) * weight
+        scale = group_shrink_scale_reference(rows.pow(2).sum(dim=1, keepdim=True), t)
+        product = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else torch.float64
+        shape = p.movedim(dim, 0).shape if dim >= 0 and p.dim() >= 2 else p.shape
+        scaled = (p.to(product).movedim(dim, 0) if dim >= 0 and p.dim() >= 2 else
+                  p.to(product)).reshape(rows.shape) * scale.to(product)
+        scaled = scaled.reshape(shape)
+        p.copy_(scaled.movedim(0, dim) if dim >= 0 and p.dim() >= 2 else scaled)

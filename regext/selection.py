@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from regext import distributed
+from regext import _groups, distributed
 from regext._dtensor import has_dtensor
 from regext._named import named_tensors
 from regext._validation import (SUPPORTED_DTYPES, check_coefficient, check_writable,
@@ -20,7 +20,7 @@ from regext.grad import add_penalty_grad_checked
 from regext.penalty import penalty_of_checked, raise_if_nonfinite
 from regext.prox import prox_group_l2_checked, prox_l1_checked, prox_l2_squared_checked
 
-_OVERRIDE_KEYS = ("l1", "l2", "l2_squared")
+_OVERRIDE_KEYS = ("l1", "l2", "l2_squared", "group", "group_weight")
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
@@ -46,10 +46,11 @@ class PenaltyGroup:
     the group follow the Penalty's again.
     """
 
-    def __init__(self, penalty, l1, l2, l2_squared, names, params):
+    def __init__(self, penalty, l1, l2, l2_squared, grouping, names, params):
         self._penalty = penalty
         self._l1, self._l2 = l1, l2
         self.l2_squared = l2_squared
+        self.grouping = grouping  # regext._groups.Grouping: group and group_weight
         self.names = names
         self.params = params
 
@@ -71,7 +72,15 @@ class PenaltyGroup:
 
     def __repr__(self):
         return (f"PenaltyGroup(l1={_show(self.l1)}, l2={_show(self.l2)}, "
-                f"l2_squared={self.l2_squared}, {len(self.params)} tensors)")
+                f"l2_squared={self.l2_squared}{_show_grouping(self.grouping)}, "
+                f"{len(self.params)} tensors)")
+
+
+def _show_grouping(grouping):
+    if grouping.per_tensor:
+        return ""
+    weight = ", group_weight='sqrt_size'" if grouping.sqrt_size else ""
+    return f", group={grouping.kind!r}{weight}"
 
 
 def _show(spec):
@@ -192,8 +201,13 @@ class Penalty:
             warns; one that matches only the alias of a tied weight warns that the
             tensor, listed under its first name, stays penalized. The usual "no decay on
             biases and norm layers" for most models: ``exclude=lambda name, p: p.ndim < 2``.
-        overrides: per-group coefficients. A mapping ``{pattern: {"l1": ..., "l2": ...,
-            "l2_squared": ...}}`` (any subset of the keys; the first pattern, in
+        group, group_weight: default groups of the L2 norm, as in
+            :func:`regext.fused_penalty` (``"tensor"``, ``"row"`` or ``"column"``; ``None``
+            or ``"sqrt_size"``): e.g. ``group="row"`` with ``exclude=lambda n, p: p.ndim
+            < 2`` puts a group lasso on every neuron and filter.
+        overrides: per-group settings. A mapping ``{pattern: {"l1": ..., "l2": ...,
+            "l2_squared": ..., "group": ..., "group_weight": ...}}`` (any subset of the
+            keys; the first pattern, in
             mapping order, that matches a name wins) or a callable
             ``(name, param) -> dict or None``. Parameters with equal overrides are
             grouped, so the number of fused calls is the number of distinct settings.
@@ -225,11 +239,13 @@ class Penalty:
     """
 
     def __init__(self, module_or_named_params, l1=0.0, l2=0.0, *, l2_squared=False,
-                 exclude=None, overrides=None, error_if_nonfinite=False):
+                 group="tensor", group_weight=None, exclude=None, overrides=None,
+                 error_if_nonfinite=False):
         func = "Penalty"
         self.l1 = l1
         self.l2 = l2
         self.l2_squared = bool(l2_squared)
+        _groups.grouping(func, group, group_weight, self.l2_squared)  # checked now
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.step = 0
         named = named_tensors(func, module_or_named_params, require_names=True)
@@ -243,7 +259,8 @@ class Penalty:
             if is_excluded(name, p):
                 excluded.append(name)
                 continue
-            coefs = {"l1": None, "l2": None, "l2_squared": self.l2_squared}
+            coefs = {"l1": None, "l2": None, "l2_squared": self.l2_squared, "group": group,
+                     "group_weight": group_weight}
             override = override_for(name, p)
             if override is not None:
                 _check_override(func, name, override)
@@ -252,20 +269,28 @@ class Penalty:
                         coefs[key] = _check_spec(func, f"{key} of {name!r}", override[key])
                 if "l2_squared" in override:
                     coefs["l2_squared"] = bool(override["l2_squared"])
+                for key in ("group", "group_weight"):
+                    coefs[key] = override.get(key, coefs[key])
+            coefs["grouping"] = _groups.grouping(f"{func}: parameter {name!r}", coefs["group"],
+                                                 coefs["group_weight"], coefs["l2_squared"])
             selected.append((name, p))
             key = tuple(id(v) if callable(v) or isinstance(v, torch.Tensor) else v
-                        for v in (coefs["l1"], coefs["l2"], coefs["l2_squared"]))
+                        for v in (coefs["l1"], coefs["l2"], coefs["l2_squared"],
+                                  coefs["grouping"]))
             groups.setdefault(key, (coefs, []))[1].append((name, p))
         _warn_unmatched(func, "exclude", exclude_patterns, names, aliases, set(excluded))
 
         self._selected = tuple(selected)
         self._excluded = tuple(excluded)
         self._groups = tuple(
-            PenaltyGroup(self, coefs["l1"], coefs["l2"], coefs["l2_squared"],
+            PenaltyGroup(self, coefs["l1"], coefs["l2"], coefs["l2_squared"], coefs["grouping"],
                          tuple(n for n, _ in members), tuple(p for _, p in members))
             for coefs, members in groups.values())
         # Decided once: whether a group holds DTensors (FSDP2), which take their own path.
         self._sharded = tuple(has_dtensor(g.params) for g in self._groups)
+        for g, sharded in zip(self._groups, self._sharded):
+            if sharded:
+                distributed.check_per_tensor(f"Penalty ({g.names[0]!r})", g.grouping)
 
     # -- coefficients ----------------------------------------------------------------
 
@@ -336,7 +361,8 @@ class Penalty:
                 value = distributed.fused_penalty_dtensor(params, l1, l2, group.l2_squared,
                                                           func="Penalty", names=names)
             else:
-                value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device)
+                value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device,
+                                           group.grouping, func="Penalty")
             if self.error_if_nonfinite:
                 raise_if_nonfinite("Penalty", value, params, l1, l2, group.l2_squared, names)
             total = value if total is None else total + value.to(total.device)
@@ -356,7 +382,8 @@ class Penalty:
             if scale is not None:
                 l1, l2 = l1 * scale, l2 * scale
             value = add_penalty_grad_checked(func, params, l1, l2, group.l2_squared, names=names,
-                                             error_if_nonfinite=self.error_if_nonfinite)
+                                             error_if_nonfinite=self.error_if_nonfinite,
+                                             grouping=group.grouping)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
@@ -365,12 +392,13 @@ class Penalty:
 
         * L1 part: soft-thresholding by ``lr·l1`` (:func:`regext.prox_l1_`), which
           makes exact zeros;
-        * then the L2 part: group shrinkage by ``lr·l2``
-          (:func:`regext.prox_group_l2_`), or for ``l2_squared`` the decay
+        * then the L2 part: group shrinkage by ``lr·l2`` of every group (the whole
+          tensor, or each row or column with ``group=``; :func:`regext.prox_group_l2_`),
+          or for ``l2_squared`` the decay
           ``x / (1 + 2·lr·l2)`` (:func:`regext.prox_l2_squared_`).
 
         That is the exact proximal map of ``lr·(l1‖x‖₁ + l2‖x‖₂)`` (sparse group
-        lasso) or of ``lr·(l1‖x‖₁ + l2‖x‖₂²)`` (elastic net) for each tensor. Use it
+        lasso) or of ``lr·(l1‖x‖₁ + l2‖x‖₂²)`` (elastic net) for each group (Simon et al. 2013). Use it
         after an optimizer step on the data loss *without* the penalty
         (proximal gradient descent); ``lr`` should be the optimizer's step size (a
         number or a 0-dim tensor). Parameters that do not require grad are left alone;
@@ -390,7 +418,7 @@ class Penalty:
             if group.l2_squared:
                 prox_l2_squared_checked(params, lr * l2)
             else:
-                prox_group_l2_checked(func, params, lr * l2, names)
+                prox_group_l2_checked(func, params, lr * l2, names, group.grouping)
 
     # -- training loops ------------------------------------------------------------
 
@@ -477,7 +505,8 @@ class Penalty:
     def __repr__(self):
         numel = sum(p.numel() for _, p in self._selected)
         groups = ", ".join(f"(l1={_show(g.l1)}, l2={_show(g.l2)}"
-                           f"{', squared' if g.l2_squared else ''}: {len(g.params)} tensors)"
+                           f"{', squared' if g.l2_squared else ''}{_show_grouping(g.grouping)}: "
+                           f"{len(g.params)} tensors)"
                            for g in self._groups)
         return (f"Penalty({len(self._selected)} tensors, {numel} elements, "
                 f"{len(self._excluded)} excluded; groups: [{groups}])")

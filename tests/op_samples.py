@@ -12,7 +12,9 @@ from typing import Callable
 
 import torch
 
-from regext.reference import count_zeros_reference, prox_group_l2_reference, prox_l1_reference
+from regext.reference import (count_zeros_reference, group_rows_reference,
+                              prox_group_l2_reference, prox_group_lasso_reference,
+                              prox_l1_reference)
 
 from conftest import scalar
 
@@ -134,6 +136,113 @@ def ref_forward_accumulate_(grads, params, l1, l2, squared):
     return total, stats
 
 
+# ---- the group lasso -------------------------------------------------------------
+
+def group_sample_params(gen, device, dtype):
+    """sample_params plus the group layouts of csrc/groups.h: a conv weight, rows
+    longer than a chunk (pieces), long column runs (3, 2, 300), columns over several
+    position blocks (200, 600), a zero-size 2-D tensor."""
+    extra = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in
+             [(8, 3, 3, 3), (2, 33000), (3, 2, 300), (200, 600), (5, 0)]]
+    extra[0][2] = 0.0     # an all-zero filter (row group)
+    extra[3][:, 7] = 0.0  # an all-zero column
+    return sample_params(gen, device, dtype) + [p.to(dtype=dtype, device=device) for p in extra]
+
+
+def group_dims_for(params, shift):
+    """Rows, columns and whole tensors, mixed in one list."""
+    return [(-1, 0, 1)[(i + shift) % 3] for i in range(len(params))]
+
+
+def _group_stats(params, dims):
+    return torch.ops.regext.group_penalty_forward(params, dims, scalar(0.0), scalar(0.0),
+                                                  False)[1]
+
+
+def group_forward_samples(gen, device):
+    out = []
+    for dtype in DTYPES:
+        for shift, sqrt_size in ((1, False), (2, True)):
+            params = group_sample_params(gen, device, dtype)
+            out.append((params, group_dims_for(params, shift), L1, L2.to(device), sqrt_size))
+    return out
+
+
+def group_backward_samples(gen, device):
+    out = []
+    for dtype in DTYPES:
+        params = group_sample_params(gen, device, dtype)
+        dims = group_dims_for(params, 1)
+        stats = _group_stats(params, dims)
+        grad_total = torch.tensor(1.5, device=device)
+        out.append((grad_total, params, dims, stats, L1, L2, False))
+        out.append((grad_total, params, dims, stats, L1.to(device), L2, True))
+        # A subset, told each tensor's first stats row: a tensor listed twice.
+        first = [sum(1 if d < 0 or p.dim() < 2 else p.shape[d]
+                     for p, d in zip(params[:i], dims[:i])) for i in range(len(params))]
+        out.append((grad_total, [params[7], params[0], params[7]], [dims[7], dims[0], dims[7]],
+                    stats, L1, L2, False, [first[7], first[0], first[7]]))
+    return out
+
+
+def group_grad_accumulate_samples(gen, device):
+    out = []
+    for dtype in DTYPES:
+        params = group_sample_params(gen, device, dtype)
+        dims = group_dims_for(params, 2)
+        stats = _group_stats(params, dims)
+        out.append((_grads_like(params, gen), params, dims, stats, L1, L2, False))
+        out.append((_grads_like(params, gen), params, dims, stats, L1, L2.to(device), True, None))
+    return out
+
+
+def group_prox_samples(gen, device):
+    out = []
+    for dtype in DTYPES:
+        for shift, threshold, sqrt_size in ((0, scalar(0.0), False),
+                                            (1, torch.tensor(3.0).to(device), False),
+                                            (2, scalar(0.3), True)):
+            params = group_sample_params(gen, device, dtype)
+            out.append((params, group_dims_for(params, shift), threshold, sqrt_size))
+    return out
+
+
+def ref_group_forward(params, dims, l1, l2, sqrt_size):
+    rows = [group_rows_reference(p, d) for p, d in zip(params, dims)]
+    stats = torch.cat([torch.stack([r.abs().sum(dim=1), r.pow(2).sum(dim=1)], dim=1)
+                       for r in rows]) if rows else torch.zeros((0, 2), dtype=torch.float64)
+    weights = [r.shape[1] ** 0.5 if sqrt_size else 1.0 for r in rows]
+    l2_sum = sum(w * r.pow(2).sum(dim=1).sqrt().sum() for w, r in zip(weights, rows))
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    total = (float(l1) * stats[:, 0].sum() + float(l2) * l2_sum).to(dtype)
+    return total.to(params[0].device), stats.to(params[0].device)
+
+
+def ref_group_backward(grad_total, params, dims, stats, l1, l2, sqrt_size, first_rows=None):
+    if first_rows is None:
+        first_rows, row = [], 0
+        for p, d in zip(params, dims):
+            first_rows.append(row)
+            row += 1 if d < 0 or p.dim() < 2 else p.shape[d]
+    grads = []
+    for p, d, first in zip(params, dims, first_rows):
+        rows = group_rows_reference(p, d)
+        norms = stats[first:first + rows.shape[0], 1].double().cpu().sqrt().to(rows.device)
+        weight = rows.shape[1] ** 0.5 if sqrt_size else 1.0
+        unit = torch.where(norms[:, None] == 0, torch.zeros_like(rows), rows / norms[:, None])
+        g = float(grad_total) * (float(l1) * rows.sign() + float(l2) * weight * unit)
+        if d >= 0 and p.dim() >= 2:
+            g = g.reshape(p.movedim(d, 0).shape).movedim(0, d)
+        grads.append(g.reshape(p.shape).to(p.dtype))
+    return grads
+
+
+def ref_group_grad_accumulate_(grads, params, dims, stats, l1, l2, sqrt_size, first_rows=None):
+    for g, d in zip(grads, ref_group_backward(1.0, params, dims, stats, l1, l2, sqrt_size,
+                                              first_rows)):
+        g.copy_((g.double() + d.double()).to(g.dtype))
+
+
 @dataclass(frozen=True)
 class OpEntry:
     samples: Callable    # (generator, device) -> [argument tuples]
@@ -150,6 +259,11 @@ OPS = {
     "prox_l1_": OpEntry(prox_samples, (0,), prox_l1_reference),
     "prox_group_l2_": OpEntry(prox_samples, (0,), prox_group_l2_reference),
     "count_zeros": OpEntry(count_samples, (), count_zeros_reference),
+    "group_penalty_forward": OpEntry(group_forward_samples, (), ref_group_forward),
+    "group_penalty_backward": OpEntry(group_backward_samples, (), ref_group_backward),
+    "group_penalty_grad_accumulate_": OpEntry(group_grad_accumulate_samples, (0,),
+                                              ref_group_grad_accumulate_),
+    "prox_group_lasso_": OpEntry(group_prox_samples, (0,), prox_group_lasso_reference),
 }
 
 

@@ -188,3 +188,27 @@ def test_inplace_benchmark_runs(tmp_path):
                                       "regext_autograd"}
     assert data["max_grad_diff_vs_compiled_loop"] < 1e-6
     assert data["env"]["cpu_capability"] == regext.cpu_capability()
+
+
+def test_structured_benchmark_runs(tmp_path):
+    """benchmarks/bench_structured.py on both sets scaled down 100x: every variant is
+    checked against float64 before it is timed, and the run writes its results."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_structured.py"),
+                           "--scale", "0.01", "--repeats", "2", "--warmup", "1", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    variants = {(r["set"], r["phase"], r["variant"]) for r in data["results"]}
+    for s in ("resnet18", "gpt2_small"):
+        for v in ("regext", "torch_loop", "foreach_mul"):
+            assert (s, "prox", v) in variants
+        for v in ("regext_row", "regext_tensor", "torch_loop_row"):
+            assert (s, "fwd+bwd", v) in variants
+    for check in data["checks"].values():
+        assert check["max_rel_err_vs_float64"] < 1e-4
+    zeroed = [c["rows_zeroed"] for k, c in data["checks"].items() if k.endswith("prox/regext")]
+    assert all(0 < z < 1 for z in zeroed)  # the step zeroes some groups, not all
+    assert (tmp_path / "results.md").stat().st_size > 0

@@ -1,8 +1,8 @@
 """The regext package is a layered DAG: imports point only downward.
 
-    leaves    _dtensor, _validation, _grad, _meta, reference, _named
+    leaves    _dtensor, _validation, _groups, _grad, _meta, reference, _named
     adapters  penalty (autograd), distributed (all DTensor logic)
-    features  grad, prox, sparsity, groups, optim, selection
+    features  grad, prox, sparsity, optim, selection
     package   __init__
 
 A module may import only modules of lower layers (or, among leaves, leaves that
@@ -16,9 +16,9 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
-    ["_dtensor", "_validation", "_grad", "_meta", "reference", "_named"],
+    ["_dtensor", "_validation", "_groups", "_grad", "_meta", "reference", "_named"],
     ["distributed", "penalty"],
-    ["grad", "prox", "sparsity", "groups", "optim", "selection"],
+    ["grad", "prox", "sparsity", "optim", "selection"],
     ["__init__"],
 ]
 RANK = {name: (layer, i) for layer, names in enumerate(LAYERS) for i, name in enumerate(names)}

@@ -46,6 +46,16 @@ struct LoopsFor {
   void (*scale_)(T* x, int64_t n, double scale);
   // The number of elements equal to +0 or -0 in x[0, n).
   int64_t (*count_zeros)(const T* x, int64_t n);
+  // Per position (groups with short runs, csrc/groups.h), in float64:
+  // abs_acc[i] += |x[i]|, sq_acc[i] += x[i]^2.
+  void (*abs_sq_accumulate)(const T* x, int64_t n, double* abs_acc, double* sq_acc);
+  // out[i] = sign_coef * sign(x[i]) + (x[i] * linear_scale[i]) * linear_coef[i]
+  // (accumulate: out[i] += ...), rounded once to T.
+  void (*penalty_grad_by_position)(const T* x, T* out, int64_t n, double sign_coef,
+                                   const double* linear_coef, const double* linear_scale,
+                                   bool accumulate);
+  // x[i] = x[i] * scale[i] in place, in ScaleCompute, rounded once.
+  void (*scale_by_position_)(T* x, int64_t n, const double* scale);
 };
 
 // One instruction-set variant of every loop.
@@ -69,10 +79,14 @@ const VectorLoops& vector_loops();
 template <typename T>
 const LoopsFor<T>& loops_for() {
   const VectorLoops& v = vector_loops();
-  if constexpr (std::is_same_v<T, float>) return v.f32;
-  else if constexpr (std::is_same_v<T, double>) return v.f64;
-  else if constexpr (std::is_same_v<T, c10::Half>) return v.f16;
-  else return v.bf16;
+  if constexpr (std::is_same_v<T, float>)
+    return v.f32;
+  else if constexpr (std::is_same_v<T, double>)
+    return v.f64;
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return v.f16;
+  else
+    return v.bf16;
 }
 
 }  // namespace regext::cpu

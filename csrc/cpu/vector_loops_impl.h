@@ -423,10 +423,60 @@ int64_t count_zeros(const T* x, int64_t n) {
   return zeros;
 }
 
+// ---- Per-position loops, for groups whose runs are short (csrc/groups.h) ----
+// Elementwise in float64 with no sum across positions, so every instruction set
+// gives the same bits; the compiler vectorizes them for each.
+
+template <typename T>
+void abs_sq_accumulate(const T* x, int64_t n, double* abs_acc, double* sq_acc) {
+  for (int64_t begin = 0; begin < n; begin += kBlockElems) {
+    const int64_t end = begin + kBlockElems < n ? begin + kBlockElems : n;
+    prefetch_ahead(x + begin);
+    for (int64_t i = begin; i < end; ++i) {
+      const double v = static_cast<double>(x[i]);
+      abs_acc[i] += __builtin_fabs(v);
+      sq_acc[i] += v * v;
+    }
+  }
+}
+
+template <typename T>
+void penalty_grad_by_position(const T* x, T* out, int64_t n, double sign_coef,
+                              const double* linear_coef, const double* linear_scale,
+                              bool accumulate) {
+  for (int64_t begin = 0; begin < n; begin += kBlockElems) {
+    const int64_t end = begin + kBlockElems < n ? begin + kBlockElems : n;
+    prefetch_ahead(x + begin);
+    prefetch_ahead(out + begin, /*rw=*/1);
+    for (int64_t i = begin; i < end; ++i) {
+      const double v = static_cast<double>(x[i]);
+      const double g = sign_coef * sign_of(v) + (v * linear_scale[i]) * linear_coef[i];
+      out[i] = static_cast<T>(accumulate ? static_cast<double>(out[i]) + g : g);
+    }
+  }
+}
+
+template <typename T>
+void scale_by_position_(T* x, int64_t n, const double* scale) {
+  using Compute = typename ScaleCompute<T>::type;
+  for_each_block_rw(x, n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      x[i] = static_cast<T>(static_cast<Compute>(x[i]) * static_cast<Compute>(scale[i]));
+    }
+  });
+}
+
 template <typename T>
 constexpr LoopsFor<T> loops() {
-  return {&abs_sq_sums<T>, &abs_sq_sums_add_grad<T>, &penalty_grad<T>, &soft_threshold_<T>,
-          &scale_<T>,      &count_zeros<T>};
+  return {&abs_sq_sums<T>,
+          &abs_sq_sums_add_grad<T>,
+          &penalty_grad<T>,
+          &soft_threshold_<T>,
+          &scale_<T>,
+          &count_zeros<T>,
+          &abs_sq_accumulate<T>,
+          &penalty_grad_by_position<T>,
+          &scale_by_position_<T>};
 }
 
 constexpr VectorLoops kLoops{REGEXT_ISA_NAME, loops<float>(), loops<double>(), loops<c10::Half>(),

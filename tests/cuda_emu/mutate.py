@@ -64,6 +64,25 @@ MUTANTS = {
         "stats[static_cast<int64_t>(batch.row[j]) * kStatsColumns + 0] = sums.a;",
         "stats[static_cast<int64_t>(j) * kStatsColumns + 0] = sums.a;", "address",
         "combine_kernel writes Σ|x| to the row of the position in its batch"),
+    "group_position_rows": (
+        "group_cuda.cu", "      for (int64_t o = s.first; o < s.end; ++o) {\n        const T* run",
+        "      for (int64_t o = s.first; o + 1 < s.end; ++o) {\n        const T* run", "address",
+        "group_partial_kernel skips the last period of each position block"),
+    "group_run_slot": (
+        "group_cuda.cu", "      if (lane == 0) out[run] = sums;",
+        "      if (lane == 0) out[run - s.first] = sums;", "address",
+        "a short run's sums land in the slot of its place in the item, not its own"),
+    "group_combine_row": (
+        "group_cuda.cu", "  const int64_t row = l.first_row + g;", "  const int64_t row = index;",
+        "address", "group_combine_kernel writes a group to its row within the batch"),
+    "group_piece_group": (
+        "group_cuda.cu", "    const auto op = per_group(l, (s.begin / l.inner) % l.groups);",
+        "    const auto op = per_group(l, (s.begin / l.inner));", "address",
+        "a piece of a long run repeated over outer > 1 takes the coefficient of the wrong group"),
+    "group_grad_weight": (
+        "group_cuda.cu", "g_total, stats[(l.first_row + g) * kStatsColumns + 1], c1, c2 * l.weight,",
+        "g_total, stats[(l.first_row + g) * kStatsColumns + 1], c1, c2,", "address",
+        "the gradient ignores the group weight sqrt(group size)"),
 }
 
 PRELOAD = {

@@ -1,0 +1,147 @@
+// The group lasso operators (schemas: csrc/schemas.h; groups: csrc/groups.h),
+// written once over a backend (csrc/backend.h), with the same argument checks,
+// dense staging and list-order semantics as the per-tensor operators.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "aliasing.h"
+#include "backend.h"
+#include "groups.h"
+#include "param_checks.h"
+#include "penalty_ops.h"
+#include "prox_ops.h"
+#include "staging.h"
+
+namespace regext {
+
+// The stats row of group 0 of each tensor: first_rows[t] if given (each tensor's
+// groups must fit in `num_rows`), else the list-order placement, which must
+// fill exactly `num_rows` rows.
+inline std::vector<int64_t> resolve_first_rows(const char* op, at::TensorList params,
+                                               at::IntArrayRef group_dims,
+                                               c10::OptionalArrayRef<int64_t> first_rows,
+                                               int64_t num_rows) {
+  TORCH_CHECK_VALUE(group_dims.size() == params.size(), op, ": group_dims has ", group_dims.size(),
+                    " entries but there are ", params.size(), " params");
+  std::vector<int64_t> rows(params.size());
+  if (!first_rows.has_value()) {
+    int64_t row = 0;
+    for (size_t t = 0; t < params.size(); ++t) {
+      rows[t] = row;
+      row += count_groups(params[t], group_dims[t]);
+    }
+    TORCH_CHECK(row == num_rows, op, ": stats has ", num_rows, " rows but the params have ", row,
+                " groups (pass first_rows for a subset)");
+    return rows;
+  }
+  TORCH_CHECK(first_rows->size() == params.size(), op, ": first_rows has ", first_rows->size(),
+              " entries but there are ", params.size(), " params");
+  for (size_t t = 0; t < params.size(); ++t) {
+    rows[t] = (*first_rows)[t];
+    const int64_t groups = count_groups(params[t], group_dims[t]);
+    TORCH_CHECK(rows[t] >= 0 && rows[t] + groups <= num_rows, op, ": first_rows[", t,
+                "] = ", rows[t], " with ", groups, " groups is out of range for stats with ",
+                num_rows, " rows");
+  }
+  return rows;
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> group_penalty_forward(at::TensorList params,
+                                                         at::IntArrayRef group_dims,
+                                                         const at::Tensor& l1, const at::Tensor& l2,
+                                                         bool sqrt_size) {
+  constexpr const char* op = "regext::group_penalty_forward";
+  const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
+  check_tensor_list(op, "params", params, device);
+  const std::vector<at::Tensor> dense = as_dense(params);
+  const std::vector<GroupLayout> layouts = group_layouts(op, dense, group_dims, sqrt_size);
+  const auto options = at::TensorOptions().device(device);
+  at::Tensor stats =
+      at::empty({total_groups(params, group_dims), kStatsColumns}, options.dtype(at::kDouble));
+  at::Tensor total = at::empty({}, options.dtype(result_dtype(params)));
+  Backend::group_stats_and_total(dense, layouts, stats, total, l1, l2);
+  return {total, stats};
+}
+
+template <typename Backend>
+std::vector<at::Tensor> group_penalty_backward(const at::Tensor& grad_total, at::TensorList params,
+                                               at::IntArrayRef group_dims, const at::Tensor& stats,
+                                               const at::Tensor& l1, const at::Tensor& l2,
+                                               bool sqrt_size,
+                                               c10::OptionalArrayRef<int64_t> first_rows) {
+  constexpr const char* op = "regext::group_penalty_backward";
+  const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
+  check_tensor_list(op, "params", params, device);
+  check_stats(op, stats, device);
+  check_grad_total(op, grad_total, device);
+  const std::vector<int64_t> rows =
+      resolve_first_rows(op, params, group_dims, first_rows, stats.size(0));
+  const std::vector<at::Tensor> dense = as_dense(params);
+  const std::vector<GroupLayout> layouts = group_layouts(op, dense, group_dims, sqrt_size, rows);
+  GradOutputs out = new_grad_outputs<Backend>(params, dense);
+  Backend::group_grads(GroupGradRequest{dense, out.targets, layouts, stats, grad_total, l1, l2,
+                                        /*accumulate=*/false});
+  return out.finish();
+}
+
+template <typename Backend>
+void group_penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
+                                    at::IntArrayRef group_dims, const at::Tensor& stats,
+                                    const at::Tensor& l1, const at::Tensor& l2, bool sqrt_size,
+                                    c10::OptionalArrayRef<int64_t> first_rows) {
+  constexpr const char* op = "regext::group_penalty_grad_accumulate_";
+  const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
+  check_grads_for(op, grads, params, device);
+  check_stats(op, stats, device);
+  const std::vector<int64_t> rows =
+      resolve_first_rows(op, params, group_dims, first_rows, stats.size(0));
+  const std::vector<at::Tensor> dense = as_dense(params);
+  const std::vector<GroupLayout> layouts = group_layouts(op, dense, group_dims, sqrt_size, rows);
+  const std::vector<at::Tensor> targets = accumulate_targets(grads, dense);
+  const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
+  // In list order, one alias-free run of gradients after another (as accumulate_grads).
+  const std::vector<size_t> runs = alias_free_runs(grads);
+  for (size_t r = 0; r + 1 < runs.size(); ++r) {
+    const size_t b = runs[r], n = runs[r + 1] - b;
+    const std::vector<GroupLayout> run_layouts(layouts.begin() + b, layouts.begin() + b + n);
+    Backend::group_grads(GroupGradRequest{at::ArrayRef<at::Tensor>(dense).slice(b, n),
+                                          at::ArrayRef<at::Tensor>(targets).slice(b, n),
+                                          run_layouts, stats, one, l1, l2,
+                                          /*accumulate=*/true});
+    for (size_t t = b; t < b + n; ++t) {
+      if (!targets[t].is_same(grads[t])) grads[t].add_(targets[t]);
+    }
+  }
+}
+
+template <typename Backend>
+void prox_group_lasso_(at::TensorList params, at::IntArrayRef group_dims,
+                       const at::Tensor& threshold, bool sqrt_size) {
+  constexpr const char* op = "regext::prox_group_lasso_";
+  const c10::Device device = check_mutable_list(op, params);
+  check_coefficient(op, "threshold", threshold, device);
+  TORCH_CHECK_VALUE(group_dims.size() == params.size(), op, ": group_dims has ", group_dims.size(),
+                    " entries but there are ", params.size(), " params");
+  const auto options = at::TensorOptions().device(device);
+  const at::Tensor zero = at::zeros({}, at::kDouble);  // no total is needed
+  update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t first) {
+    const at::IntArrayRef dims = group_dims.slice(first, dense.size());
+    const std::vector<GroupLayout> layouts = group_layouts(op, dense, dims, sqrt_size);
+    // The group norms from group_penalty_forward's own pass (float64 sums).
+    const at::Tensor stats =
+        at::empty({total_groups(dense, dims), kStatsColumns}, options.dtype(at::kDouble));
+    const at::Tensor unused_total = at::empty({}, options.dtype(at::kDouble));
+    Backend::group_stats_and_total(dense, layouts, stats, unused_total, zero, zero);
+    Backend::prox_group_lasso(dense, layouts, stats, threshold);
+  });
+}
+
+}  // namespace regext

@@ -186,6 +186,28 @@ def case_shard0(rank, world):
 
 
 @case()
+def case_groups_on_dtensors_are_refused_before_anything_runs(rank, world):
+    from torch.distributed.tensor import Shard
+    import regext
+    full = full_tensors([(4, 3), (3,)], [torch.float32] * 2, seed=9)
+    params = distribute(full, mesh_1d(world), [[Shard(0)]] * 2)
+    before = [p.to_local().clone() for p in params]
+    calls = [lambda: regext.fused_penalty(params, 0.0, 1.0, group="row"),
+             lambda: regext.add_penalty_grad_(params, 0.0, 1.0, group="column"),
+             lambda: regext.prox_group_l2_(params, 0.1, group="tensor", group_weight="sqrt_size"),
+             lambda: regext.Penalty([("w", params[0])], l2=1.0, group="row")]
+    for call in calls:
+        try:
+            call()
+        except NotImplementedError as e:
+            assert "DTensor" in str(e) and "group" in str(e), str(e)
+        else:
+            raise AssertionError("a group option on DTensors did not raise")
+    for p, b in zip(params, before):
+        assert torch.equal(p.to_local(), b) and p.grad is None
+
+
+@case()
 def case_shard1(rank, world):
     from torch.distributed.tensor import Shard
     shapes = [(3, 5), (2, 7), (4, 1), (6, 3), (2, 2, 5)]

@@ -107,19 +107,13 @@ void group_penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
   const std::vector<GroupLayout> layouts = group_layouts(op, dense, group_dims, sqrt_size, rows);
   const std::vector<at::Tensor> targets = accumulate_targets(grads, dense);
   const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
-  // In list order, one alias-free run of gradients after another (as accumulate_grads).
-  const std::vector<size_t> runs = alias_free_runs(grads);
-  for (size_t r = 0; r + 1 < runs.size(); ++r) {
-    const size_t b = runs[r], n = runs[r + 1] - b;
+  accumulate_in_runs(grads, targets, [&](size_t b, size_t n) {
     const std::vector<GroupLayout> run_layouts(layouts.begin() + b, layouts.begin() + b + n);
     Backend::group_grads(GroupGradRequest{at::ArrayRef<at::Tensor>(dense).slice(b, n),
                                           at::ArrayRef<at::Tensor>(targets).slice(b, n),
                                           run_layouts, stats, one, l1, l2,
                                           /*accumulate=*/true});
-    for (size_t t = b; t < b + n; ++t) {
-      if (!targets[t].is_same(grads[t])) grads[t].add_(targets[t]);
-    }
-  }
+  });
 }
 
 template <typename Backend>

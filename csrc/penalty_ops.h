@@ -97,26 +97,35 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
   return out.finish();
 }
 
-// grads[t] += d(penalty)/d(params[t]) from `stats`, in list order: the runs of
-// gradients without shared memory (csrc/aliasing.h) one after another, so a
-// gradient listed twice receives both updates and is never raced on.
+// Calls accumulate(first, count) for each run of gradients without shared memory
+// (csrc/aliasing.h), in list order, so a gradient listed twice receives both
+// updates and is never raced on; then adds each staged target into its gradient.
+template <typename Accumulate>
+void accumulate_in_runs(at::TensorList grads, const std::vector<at::Tensor>& targets,
+                        Accumulate&& accumulate) {
+  const std::vector<size_t> runs = alias_free_runs(grads);
+  for (size_t r = 0; r + 1 < runs.size(); ++r) {
+    const size_t b = runs[r], n = runs[r + 1] - b;
+    accumulate(b, n);
+    for (size_t t = b; t < b + n; ++t) {
+      if (!targets[t].is_same(grads[t])) grads[t].add_(targets[t]);
+    }
+  }
+}
+
+// grads[t] += d(penalty)/d(params[t]) from `stats`, in list order.
 template <typename Backend>
 void accumulate_grads(c10::Device device, at::TensorList grads,
                       const std::vector<at::Tensor>& dense, const std::vector<at::Tensor>& targets,
                       const at::Tensor& stats, at::ArrayRef<int64_t> rows, const at::Tensor& l1,
                       const at::Tensor& l2, bool l2_squared) {
   const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
-  const std::vector<size_t> runs = alias_free_runs(grads);
-  for (size_t r = 0; r + 1 < runs.size(); ++r) {
-    const size_t b = runs[r], n = runs[r + 1] - b;
+  accumulate_in_runs(grads, targets, [&](size_t b, size_t n) {
     Backend::grads(GradRequest{at::ArrayRef<at::Tensor>(dense).slice(b, n),
                                at::ArrayRef<at::Tensor>(targets).slice(b, n), stats,
                                rows.slice(b, n), one, l1, l2, l2_squared,
                                /*accumulate=*/true});
-    for (size_t t = b; t < b + n; ++t) {
-      if (!targets[t].is_same(grads[t])) grads[t].add_(targets[t]);
-    }
-  }
+  });
 }
 
 template <typename Backend>

@@ -174,15 +174,19 @@ def test_run_set_times_every_variant_including_inplace(bench):
         assert row["bytes"] == factor * n_bytes
 
 
-def test_inplace_benchmark_runs(tmp_path):
-    """benchmarks/bench_inplace.py on GPT-2-small shapes scaled down 100x."""
+def run_scaled_down(script, out):
+    """benchmarks/<script> with shapes scaled down 100x and two repeats, writing to `out`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_inplace.py"),
-                           "--scale", "0.01", "--repeats", "2", "--warmup", "1", "--out",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, script), "--scale", "0.01",
+                           "--repeats", "2", "--warmup", "1", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_inplace_benchmark_runs(tmp_path):
+    """benchmarks/bench_inplace.py on GPT-2-small shapes scaled down 100x."""
+    run_scaled_down("bench_inplace.py", tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data["median_ms"]) == {"regext_inplace", "compiled_loop", "foreach_add",
                                       "regext_autograd"}
@@ -193,13 +197,7 @@ def test_inplace_benchmark_runs(tmp_path):
 def test_structured_benchmark_runs(tmp_path):
     """benchmarks/bench_structured.py on both sets scaled down 100x: every variant is
     checked against float64 before it is timed, and the run writes its results."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_structured.py"),
-                           "--scale", "0.01", "--repeats", "2", "--warmup", "1", "--out",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_scaled_down("bench_structured.py", tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     variants = {(r["set"], r["phase"], r["variant"]) for r in data["results"]}
     for s in ("resnet18", "gpt2_small"):

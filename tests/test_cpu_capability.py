@@ -41,6 +41,16 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     torch.ops.regext.prox_group_l2_(q, c(3.0))
     out += q
     out.append(torch.ops.regext.count_zeros(ps))
+    # The group lasso: long runs, short runs and per-position (strided column) loops.
+    ws = [torch.randn(s).to(dt) for s in ((3, 40000), (50, 300), (64, 70), (16, 8, 3, 3))]
+    ws[1][7] = 0.0; ws[2][:, 5] = float("nan")
+    for dims in ([0, 0, 1, 1], [1, 1, 0, 0]):
+        t, s = torch.ops.regext.group_penalty_forward(ws, dims, c(0.3), c(0.7), True)
+        g = torch.ops.regext.group_penalty_backward(torch.tensor(1.5), ws, dims, s, c(0.3),
+                                                    c(0.7), True)
+        q = [w.clone() for w in ws]
+        torch.ops.regext.prox_group_lasso_(q, dims, c(0.05), False)
+        out += [t, s] + list(g) + q
 torch.save(out, sys.argv[1])
 print(regext.cpu_capability())
 """

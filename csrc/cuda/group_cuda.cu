@@ -28,6 +28,7 @@
 #include "../groups.h"
 #include "../penalty_math.h"
 #include "block_reduce.cuh"
+#include "block_total.cuh"
 #include "device_scalar.cuh"
 #include "launch.cuh"
 
@@ -219,23 +220,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     group_total_kernel(const double* __restrict__ stats, const double* __restrict__ l2_terms,
                        int64_t num_rows, DeviceScalar l1, DeviceScalar l2, void* total,
                        bool total_is_double) {
-  SumPair sums{0.0, 0.0};
-  for (int64_t r = threadIdx.x; r < num_rows; r += blockDim.x) {
-    sums.a += stats[r * kStatsColumns + 0];
-    sums.b += l2_terms[r];
-  }
-  sums = block_sum(sums);
-  if (threadIdx.x == 0) {
-    PenaltyTotals totals;
-    totals.sum_l1 = sums.a;
-    totals.sum_l2 = sums.b;
-    const double value = totals.combine(l1.get(), l2.get());
-    if (total_is_double) {
-      *static_cast<double*>(total) = value;
-    } else {
-      *static_cast<float*>(total) = static_cast<float>(value);
-    }
-  }
+  write_block_total(
+      stats, num_rows, [&](int64_t r) { return l2_terms[r]; }, l1, l2, total, total_is_double);
 }
 
 // Applies op(element pointer, group) to every element of the block's item; the

@@ -24,6 +24,7 @@
 #include "../compute_types.h"
 #include "../penalty_math.h"
 #include "block_reduce.cuh"
+#include "block_total.cuh"
 #include "device_scalar.cuh"
 #include "launch.cuh"
 #include "tensor_batch.cuh"
@@ -153,23 +154,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 // read-only-cache loads could be stale.)
 __device__ void write_total(const double* stats, int64_t num_rows, DeviceScalar l1, DeviceScalar l2,
                             bool l2_squared, void* out, bool out_is_double) {
-  SumPair sums{0.0, 0.0};
-  for (int64_t r = threadIdx.x; r < num_rows; r += blockDim.x) {
-    sums.a += stats[r * kStatsColumns + 0];
-    sums.b += l2_term(stats[r * kStatsColumns + 1], l2_squared);
-  }
-  sums = block_sum(sums);
-  if (threadIdx.x == 0) {
-    PenaltyTotals totals;
-    totals.sum_l1 = sums.a;
-    totals.sum_l2 = sums.b;
-    const double value = totals.combine(l1.get(), l2.get());
-    if (out_is_double) {
-      *static_cast<double*>(out) = value;
-    } else {
-      *static_cast<float*>(out) = static_cast<float>(value);
-    }
-  }
+  write_block_total(
+      stats, num_rows, [&](int64_t r) { return l2_term(stats[r * kStatsColumns + 1], l2_squared); },
+      l1, l2, out, out_is_double);
 }
 
 __global__ void __launch_bounds__(kBlockThreads)

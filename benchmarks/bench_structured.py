@@ -2,8 +2,9 @@
 
 The weights (2-D and up: what structured pruning groups) of ResNet-18 (21 tensors,
 11.7M elements, many small) and GPT-2 small (50 tensors, 124M elements, memory-bound),
-float32, with row groups (dim 0: filters, output features) weighted by
-sqrt(group size). Every row is scaled by a random factor so that the step zeroes
+float32, with row groups (slices along dim 0, as torchao's Dim0Grouper: ResNet's
+filters and fc outputs; for GPT-2's Hugging Face Conv1D weights, stored (in, out), and
+its embeddings, input features and tokens) weighted by sqrt(group size). Every row is scaled by a random factor so that the step zeroes
 some groups and shrinks the others. Variants, checked against a float64 reference
 (regext.reference) before they are timed, then timed interleaved in one process
 (timing.interleaved; each call starts from the same weights, restored untimed):

@@ -25,8 +25,7 @@ inline std::vector<int64_t> resolve_first_rows(const char* op, at::TensorList pa
                                                at::IntArrayRef group_dims,
                                                c10::OptionalArrayRef<int64_t> first_rows,
                                                int64_t num_rows) {
-  TORCH_CHECK_VALUE(group_dims.size() == params.size(), op, ": group_dims has ", group_dims.size(),
-                    " entries but there are ", params.size(), " params");
+  check_group_dims(op, group_dims, params.size());
   std::vector<int64_t> rows(params.size());
   if (!first_rows.has_value()) {
     int64_t row = 0;
@@ -122,8 +121,7 @@ void prox_group_lasso_(at::TensorList params, at::IntArrayRef group_dims,
   constexpr const char* op = "regext::prox_group_lasso_";
   const c10::Device device = check_mutable_list(op, params);
   check_coefficient(op, "threshold", threshold, device);
-  TORCH_CHECK_VALUE(group_dims.size() == params.size(), op, ": group_dims has ", group_dims.size(),
-                    " entries but there are ", params.size(), " params");
+  check_group_dims(op, group_dims, params.size());
   const auto options = at::TensorOptions().device(device);
   const at::Tensor zero = at::zeros({}, at::kDouble);  // no total is needed
   update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t first) {

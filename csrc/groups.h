@@ -112,22 +112,29 @@ inline GroupLayout group_layout(const at::Tensor& t, int64_t dim, bool sqrt_size
   return g;
 }
 
+// Checks group_dims against a list of `n` tensors: one entry each, -1, 0 or 1.
+inline void check_group_dims(const char* op, at::IntArrayRef group_dims, size_t n) {
+  TORCH_CHECK_VALUE(group_dims.size() == n, op, ": group_dims has ", group_dims.size(),
+                    " entries but there are ", n, " params");
+  for (size_t t = 0; t < n; ++t) {
+    TORCH_CHECK_VALUE(group_dims[t] >= -1 && group_dims[t] <= 1, op, ": group_dims[", t,
+                      "] = ", group_dims[t],
+                      "; use -1 (the whole tensor), 0 (rows) or 1 (columns)");
+  }
+}
+
 // The layouts of a list: group_dims[t] for tensor t, groups placed in list order
 // from stats row 0 (or from first_rows[t] when given). Also checks group_dims.
 inline std::vector<GroupLayout> group_layouts(const char* op, at::TensorList dense,
                                               at::IntArrayRef group_dims, bool sqrt_size,
                                               at::ArrayRef<int64_t> first_rows = {}) {
-  TORCH_CHECK_VALUE(group_dims.size() == dense.size(), op, ": group_dims has ", group_dims.size(),
-                    " entries but there are ", dense.size(), " params");
+  check_group_dims(op, group_dims, dense.size());
   std::vector<GroupLayout> layouts;
   layouts.reserve(dense.size());
   int64_t row = 0;
   for (size_t t = 0; t < dense.size(); ++t) {
-    const int64_t dim = group_dims[t];
-    TORCH_CHECK_VALUE(dim >= -1 && dim <= 1, op, ": group_dims[", t, "] = ", dim,
-                      "; use -1 (the whole tensor), 0 (rows) or 1 (columns)");
     layouts.push_back(
-        group_layout(dense[t], dim, sqrt_size, first_rows.empty() ? row : first_rows[t]));
+        group_layout(dense[t], group_dims[t], sqrt_size, first_rows.empty() ? row : first_rows[t]));
     row += layouts.back().groups;
   }
   return layouts;

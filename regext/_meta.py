@@ -68,6 +68,9 @@ def _groups_of(params, group_dims):
     torch._check(len(group_dims) == len(params),
                  lambda: f"regext: group_dims has {len(group_dims)} entries but there are "
                          f"{len(params)} params")
+    for t, d in enumerate(group_dims):
+        torch._check(-1 <= d <= 1, lambda: f"regext: group_dims[{t}] = {d}; use -1 (the whole "
+                                           f"tensor), 0 (rows) or 1 (columns)")
     return sum(1 if d < 0 or p.dim() < 2 else p.shape[d] for p, d in zip(params, group_dims))
 
 

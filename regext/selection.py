@@ -83,6 +83,12 @@ def _show_grouping(grouping):
     return f", group={grouping.kind!r}{weight}"
 
 
+def _source(override, *keys):
+    """Where a Penalty setting came from, for error messages."""
+    return "its override" if override and any(k in override for k in keys) else \
+        "the Penalty's defaults"
+
+
 def _show(spec):
     if isinstance(spec, numbers.Real):
         return f"{spec:g}"
@@ -245,7 +251,7 @@ class Penalty:
         self.l1 = l1
         self.l2 = l2
         self.l2_squared = bool(l2_squared)
-        _groups.grouping(func, group, group_weight, self.l2_squared)  # checked now
+        _groups.grouping(func, group, group_weight)  # the names, checked now
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.step = 0
         named = named_tensors(func, module_or_named_params, require_names=True)
@@ -271,8 +277,13 @@ class Penalty:
                     coefs["l2_squared"] = bool(override["l2_squared"])
                 for key in ("group", "group_weight"):
                     coefs[key] = override.get(key, coefs[key])
-            coefs["grouping"] = _groups.grouping(f"{func}: parameter {name!r}", coefs["group"],
-                                                 coefs["group_weight"], coefs["l2_squared"])
+            if p.dim() < 2 and coefs["l2_squared"]:
+                coefs["group"] = "tensor"  # one group anyway: no conflict with the squared form
+            coefs["grouping"] = _groups.grouping(
+                f"{func}: parameter {name!r} (group={coefs['group']!r} and group_weight="
+                f"{coefs['group_weight']!r} from {_source(override, 'group', 'group_weight')}, "
+                f"l2_squared={coefs['l2_squared']} from {_source(override, 'l2_squared')})",
+                coefs["group"], coefs["group_weight"], coefs["l2_squared"])
             selected.append((name, p))
             key = tuple(id(v) if callable(v) or isinstance(v, torch.Tensor) else v
                         for v in (coefs["l1"], coefs["l2"], coefs["l2_squared"],

@@ -212,6 +212,13 @@ def test_bad_arguments_name_themselves():
                                                False)
     with pytest.raises(ValueError, match="group_dims has 2 entries"):
         torch.ops.regext.prox_group_lasso_([w], [0, 1], torch.tensor(1.0), False)
+    stats = torch.zeros(3, 2, dtype=torch.float64)
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="group_dims\\[0\\] = 5; use -1"):
+        torch.ops.regext.group_penalty_backward(one, [w], [5], stats, zero, one, False, [0])
+    with pytest.raises(ValueError, match="group_dims\\[0\\] = 3; use -1"):
+        torch.ops.regext.group_penalty_grad_accumulate_([torch.zeros(3, 3)], [w], [3], stats,
+                                                        zero, one, False, [0])
     with pytest.raises(RuntimeError, match="first_rows\\[0\\] = 2 with 3 groups"):
         torch.ops.regext.group_penalty_backward(torch.tensor(1.0), [w], [0],
                                                 torch.zeros(3, 2, dtype=torch.float64),
@@ -230,10 +237,18 @@ def test_penalty_overrides_choose_groups_per_parameter():
     want = (group_lasso_float64([w0], [0], 0.0, 0.5)
             + group_lasso_float64([w2], [1], 0.0, 0.5, sqrt_size=True))
     assert pen().item() == pytest.approx(want.item(), rel=1e-6)
-    with pytest.raises(ValueError, match="Penalty: group='row'.*needs the Euclidean norm"):
+    with pytest.raises(ValueError, match="parameter '0.weight' \\(group='row' and group_weight="
+                       "None from the Penalty's defaults.*needs the Euclidean norm"):
         regext.Penalty(model, l2=0.5, group="row", l2_squared=True)
-    with pytest.raises(ValueError, match="parameter '0.weight'.*needs the Euclidean norm"):
+    with pytest.raises(ValueError, match="parameter '0.weight'.*from its override.*needs the "
+                                         "Euclidean norm"):
         regext.Penalty(model, l2=0.5, overrides={"0.*": {"group": "row", "l2_squared": True}})
+    # Fewer than 2 dims: one group whatever the default says, so the squared form is fine;
+    # and the defaults are judged per parameter, after its overrides.
+    pen = regext.Penalty(model, l2=0.5, group="row", overrides={"*bias": {"l2_squared": True}})
+    assert {g.l2_squared for g in pen.groups} == {True, False}
+    regext.Penalty(model, l2=0.5, group="row", l2_squared=True,
+                   overrides={"*weight": {"l2_squared": False}})
 
 
 def test_penalty_prox_and_attach_zero_whole_neurons():

@@ -50,7 +50,8 @@ struct LoopsFor {
   // abs_acc[i] += |x[i]|, sq_acc[i] += x[i]^2.
   void (*abs_sq_accumulate)(const T* x, int64_t n, double* abs_acc, double* sq_acc);
   // out[i] = sign_coef * sign(x[i]) + (x[i] * linear_scale[i]) * linear_coef[i]
-  // (accumulate: out[i] += ...), rounded once to T.
+  // (accumulate: out[i] += ...), formed in float64 and rounded to T (through float32
+  // for the half types, as c10's conversions go).
   void (*penalty_grad_by_position)(const T* x, T* out, int64_t n, double sign_coef,
                                    const double* linear_coef, const double* linear_scale,
                                    bool accumulate);

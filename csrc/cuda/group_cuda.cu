@@ -14,9 +14,13 @@
 // then group_total_kernel: one block adds every row into the 0-dim total.
 // Gradient and proximal step: one elementwise launch per batch over the same
 // items; each block, warp or thread derives its group's coefficient once from
-// the stats on the device. Sums and elementwise arithmetic are float64 (the
-// groups' norms are what zeroes whole neurons: no float32 shortcut here). No
-// atomics, no host synchronization: graph-capturable like the other kernels.
+// the stats on the device. Sums and elementwise arithmetic are float64 for
+// every dtype: the simplest correct choice, ~3 float64 operations per element,
+// which GPUs with a low FP64 rate may not sustain at memory speed (README,
+// "What to expect on a GPU"). The CPU kernels differ by rounding only: their
+// row sums use the per-tensor path's float32 blocks (~1e-7 relative), their
+// column sums float64. No atomics, no host synchronization: graph-capturable
+// like the other kernels.
 #include <ATen/ATen.h>
 
 #include <cstdint>

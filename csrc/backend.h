@@ -67,9 +67,11 @@ struct GroupGradRequest {
 //                                   total = l1 * sum |x| + l2 * sum_g w_g ||x_g||_2
 //   group_grads(request)            writes or adds every gradient:
 //                                   l1 sign(x) + l2 w_g x / ||x_g||, times grad_total
-//   prox_group_lasso(dense, layouts, stats, threshold)
+//   prox_group_lasso(dense, layouts, threshold)
 //                                   each group *= group_shrink_scale(its sum x^2,
-//                                   threshold * w_g); a factor of 1 leaves it untouched
+//                                   threshold * w_g), from sums equal to
+//                                   group_stats_and_total's (the backend may compute
+//                                   them in the same pass); a factor of 1 leaves it untouched
 // and say in kSamePassSquaredAccumulate whether they also have
 //   stats_total_and_accumulate_squared(dense, targets, stats, total, l1, l2)
 //                                   stats_and_total(l2_squared = true) and, in the
@@ -97,7 +99,7 @@ struct CpuBackend {
                                     const at::Tensor& l1, const at::Tensor& l2);
   static void group_grads(const GroupGradRequest& request);
   static void prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                               const std::vector<GroupLayout>& layouts, const at::Tensor& stats,
+                               const std::vector<GroupLayout>& layouts,
                                const at::Tensor& threshold);
 };
 
@@ -118,7 +120,7 @@ struct CudaBackend {
                                     const at::Tensor& l1, const at::Tensor& l2);
   static void group_grads(const GroupGradRequest& request);
   static void prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                               const std::vector<GroupLayout>& layouts, const at::Tensor& stats,
+                               const std::vector<GroupLayout>& layouts,
                                const at::Tensor& threshold);
 };
 

@@ -122,17 +122,9 @@ void prox_group_lasso_(at::TensorList params, at::IntArrayRef group_dims,
   const c10::Device device = check_mutable_list(op, params);
   check_coefficient(op, "threshold", threshold, device);
   check_group_dims(op, group_dims, params.size());
-  const auto options = at::TensorOptions().device(device);
-  const at::Tensor zero = at::zeros({}, at::kDouble);  // no total is needed
   update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t first) {
     const at::IntArrayRef dims = group_dims.slice(first, dense.size());
-    const std::vector<GroupLayout> layouts = group_layouts(op, dense, dims, sqrt_size);
-    // The group norms from group_penalty_forward's own pass (float64 sums).
-    const at::Tensor stats =
-        at::empty({total_groups(dense, dims), kStatsColumns}, options.dtype(at::kDouble));
-    const at::Tensor unused_total = at::empty({}, options.dtype(at::kDouble));
-    Backend::group_stats_and_total(dense, layouts, stats, unused_total, zero, zero);
-    Backend::prox_group_lasso(dense, layouts, stats, threshold);
+    Backend::prox_group_lasso(dense, group_layouts(op, dense, dims, sqrt_size), threshold);
   });
 }
 

@@ -354,10 +354,18 @@ void CudaBackend::group_grads(const GroupGradRequest& r) {
 }
 
 void CudaBackend::prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                                   const std::vector<GroupLayout>& layouts, const at::Tensor& stats,
+                                   const std::vector<GroupLayout>& layouts,
                                    const at::Tensor& threshold_tensor) {
-  const OnDevice on(stats.device());
-  const DeviceScalar threshold = device_scalar(threshold_tensor, stats.device());
+  const c10::Device device = dense.front().device();
+  const OnDevice on(device);
+  const DeviceScalar threshold = device_scalar(threshold_tensor, device);
+  // The group norms from the forward's kernels (no total needed), then one shrink launch.
+  int64_t rows = 0;
+  for (const GroupLayout& l : layouts) rows += l.groups;
+  const auto options = at::TensorOptions().device(device).dtype(at::kDouble);
+  const at::Tensor stats = at::empty({rows, kStatsColumns}, options);
+  const at::Tensor zero = at::zeros({}, at::kDouble);
+  group_stats_and_total(dense, layouts, stats, at::empty({}, options), zero, zero);
   for_each_group_batch(plan_group_batches(dense, dense, layouts),
                        [&](auto tag, const GroupBatchPlan& plan) {
                          using T = typename decltype(tag)::type;

@@ -37,7 +37,7 @@ struct MissingCudaBackend {
   }
   static void group_grads(const GroupGradRequest&) { no_cuda_kernels(); }
   static void prox_group_lasso(at::ArrayRef<at::Tensor>, const std::vector<GroupLayout>&,
-                               const at::Tensor&, const at::Tensor&) {
+                               const at::Tensor&) {
     no_cuda_kernels();
   }
 };

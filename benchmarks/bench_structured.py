@@ -265,7 +265,7 @@ def plot(rows, path, env):
         for i, r in enumerate(sel):
             ax.text(r["median_ms"], i, f" {r['median_ms']:.1f}", va="center", fontsize=8)
         ax.set_title(f"{s}: {phase} (median ms)", fontsize=9)
-        ax.set_xscale("log")
+        ax.set_xlim(0, 1.2 * max(r["median_ms"] for r in sel))
     fig.suptitle(f"row-group lasso, {env['device_name']}, {env['threads']} threads, "
                  f"CPU kernels {env['cpu_capability']}", fontsize=9)
     fig.tight_layout()

@@ -64,10 +64,20 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         regext.prox_l1_([p.detach() for p in ps], 0.01)
         regext.prox_group_l2_([p.detach() for p in ps], 0.01)
     regext.sparsity(ps)
+    # The group lasso: long rows (pieces), short rows, strided columns (positions).
+    ws = [torch.randn(s, generator=g).to("cuda", dtype).requires_grad_()
+          for s in ((2, 33000), (50, 300), (300, 40), (16, 8, 3, 3))]
+    for group in ("row", "column"):
+        regext.fused_penalty(ws, 0.1, 0.2, group=group, group_weight="sqrt_size").backward()
+        regext.add_penalty_grad_(ws, 0.1, 0.2, group=group)
+        with torch.no_grad():
+            regext.prox_group_l2_([w.detach() for w in ws], 0.05, group=group)
+    regext.sparsity_report(ws)
 many = [torch.randn(5, generator=g).cuda().requires_grad_() for _ in range(1001)]
 mixed = many[:10] + [torch.randn(9, generator=g).cuda().half().requires_grad_()]
 for ps in (many, mixed):
     regext.fused_penalty(ps, 0.1, 0.2).backward()
+    regext.fused_penalty(ps[:300], 0.1, 0.2, group="row").backward()  # two group batches
 torch.cuda.synchronize()
 print("every kernel ran")
 PYEOF

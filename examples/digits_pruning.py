@@ -17,7 +17,7 @@ neurons left per hidden layer, the parameter count, and CPU inference time of bo
 (torch.utils.benchmark, batch of 4096). It saves table.md and neurons.png (which
 neurons survive, and the 8x8 input patterns of the first layer's survivors) in --out.
 
-    pip install -e ".[examples]"
+    pip install --no-build-isolation -e ".[examples]"
     python examples/digits_pruning.py [--out DIR] [--fast]
 
 CPU, about a minute (--fast: a few seconds, for tests).

@@ -15,7 +15,7 @@ pixels.png (the first layer's weight mass per input pixel, as an 8x8 image, per
 variant) and sweep.png (test accuracy against sparsity over a sweep of l1), and
 table.md, in --out.
 
-    pip install -e ".[examples]"
+    pip install --no-build-isolation -e ".[examples]"
     python examples/digits_sparse.py [--out DIR] [--fast]
 
 CPU, well under a minute (--fast: a few seconds, for tests).

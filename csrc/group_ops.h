@@ -75,11 +75,7 @@ std::vector<at::Tensor> group_penalty_backward(const at::Tensor& grad_total, at:
                                                bool sqrt_size,
                                                c10::OptionalArrayRef<int64_t> first_rows) {
   constexpr const char* op = "regext::group_penalty_backward";
-  const c10::Device device = device_of(op, params);
-  check_coefficients(op, l1, l2, device);
-  check_tensor_list(op, "params", params, device);
-  check_stats(op, stats, device);
-  check_grad_total(op, grad_total, device);
+  check_backward_arguments(op, grad_total, params, stats, l1, l2);
   const std::vector<int64_t> rows =
       resolve_first_rows(op, params, group_dims, first_rows, stats.size(0));
   const std::vector<at::Tensor> dense = as_dense(params);

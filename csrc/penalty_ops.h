@@ -45,6 +45,17 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(at::TensorList params, const 
   return {total, stats};
 }
 
+// The checks a backward operator starts with (every argument on one device).
+inline void check_backward_arguments(const char* op, const at::Tensor& grad_total,
+                                     at::TensorList params, const at::Tensor& stats,
+                                     const at::Tensor& l1, const at::Tensor& l2) {
+  const c10::Device device = device_of(op, params);
+  check_coefficients(op, l1, l2, device);
+  check_tensor_list(op, "params", params, device);
+  check_stats(op, stats, device);
+  check_grad_total(op, grad_total, device);
+}
+
 // New gradients for penalty_backward: a dense parameter's gradient gets its
 // memory layout (channels-last stays channels-last), as empty_like and the fake
 // kernel give. Only when a strided view suggests a layout other than its dense
@@ -82,11 +93,7 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad_total, at::Tenso
                                          const at::Tensor& l2, bool l2_squared,
                                          c10::OptionalArrayRef<int64_t> stats_rows) {
   constexpr const char* op = "regext::penalty_backward";
-  const c10::Device device = device_of(op, params);
-  check_coefficients(op, l1, l2, device);
-  check_tensor_list(op, "params", params, device);
-  check_stats(op, stats, device);
-  check_grad_total(op, grad_total, device);
+  check_backward_arguments(op, grad_total, params, stats, l1, l2);
   const std::vector<int64_t> rows =
       resolve_stats_rows(op, stats_rows, static_cast<int64_t>(params.size()), stats.size(0));
 

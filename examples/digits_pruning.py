@@ -34,7 +34,7 @@ from torch.utils import benchmark
 import regext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_sparse import load  # noqa: E402  (the same data and split)
+from digits_sparse import fit, load  # noqa: E402  (the same data, split and loop)
 
 EPOCHS, BATCH, LR, HIDDEN = 40, 64, 0.1, 256
 
@@ -57,13 +57,7 @@ def train(l2, data, *, epochs, seed=0):
         pen = regext.Penalty(model, l2=l2, group="row", group_weight="sqrt_size",
                              exclude=lambda name, p: p.ndim < 2 or name.startswith("4."))
         pen.attach(opt, mode="prox")
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(BATCH):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-            sched.step()
+    fit(model, opt, sched, X, y, epochs=epochs, seed=seed)
     return model
 
 

@@ -61,14 +61,19 @@ def train(variant, coef, data, *, epochs, seed=0):
         regext.Penalty(model, l2=coef, l2_squared=True, exclude="*bias").attach(opt, "grad")
     elif variant == "L1":
         regext.Penalty(model, l1=coef, exclude="*bias").attach(opt, "prox")
+    fit(model, opt, sched, X, y, epochs=epochs, seed=seed)
+    return model
+
+
+def fit(model, opt, sched, X, y, *, epochs, seed=0, batch=BATCH):
+    """Cross-entropy epochs over shuffled batches; the schedule steps every batch."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(BATCH):
+        for idx in torch.randperm(len(y), generator=gen).split(batch):
             opt.zero_grad()
             nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
             opt.step()
             sched.step()
-    return model
 
 
 @torch.no_grad()

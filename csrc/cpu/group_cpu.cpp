@@ -245,7 +245,7 @@ void prox_run_by_run(at::ArrayRef<at::Tensor> dense, const std::vector<GroupLayo
       auto* x = static_cast<scalar_t*>(dense[t].data_ptr());
       const auto& loops = cpu::loops_for<scalar_t>();
       for_each_run_of_item(l, k, [&](int64_t offset, int64_t length, int64_t, int64_t) {
-        const double sum_sq = loops.abs_sq_sums(x + offset, length, exact).sq;
+        const double sum_sq = loops.sq_sum(x + offset, length, exact);
         const double scale = group_shrink_scale(sum_sq, threshold * l.weight);
         if (scale != 1.0) loops.scale_(x + offset, length, scale);  // 1: unchanged, bit for bit
       });

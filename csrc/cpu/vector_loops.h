@@ -57,6 +57,8 @@ struct LoopsFor {
                                    bool accumulate);
   // x[i] = x[i] * scale[i] in place, in ScaleCompute, rounded once.
   void (*scale_by_position_)(T* x, int64_t n, const double* scale);
+  // abs_sq_sums(x, n, exact).sq, bit for bit, with less work where it can.
+  double (*sq_sum)(const T* x, int64_t n, bool exact);
 };
 
 // One instruction-set variant of every loop.

@@ -272,6 +272,47 @@ AbsSqSums abs_sq_sums(const T* x, int64_t n, bool exact) {
   return abs_sq_sums_double(x, n);
 }
 
+// sum x^2 alone, bit for bit abs_sq_sums(x, n, exact).sq: the same float32 blocks
+// and lane order for the squares, without the |x| lanes (fewer instructions where
+// the data is in cache: the proximal step of the group lasso). Wherever
+// abs_sq_sums would not trust its float32 blocks (non-finite, or a sum of squares
+// small enough to have lost bits, which includes an all-zero run) this calls it.
+REGEXT_INLINE void add_square(Floats16& sq_acc, const Floats16& v) {
+  for (int k = 0; k < 16 / kF; ++k) sq_acc.p[k] += v.p[k] * v.p[k];
+}
+
+template <typename T>
+double sq_sum(const T* x, int64_t n, bool exact) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (!exact) {
+      Doubles8 sq_acc{};
+      int64_t i = 0;
+      for (; i + kBlockElems <= n; i += kBlockElems) {
+        Floats16 sq_a{}, sq_b{};
+        prefetch_ahead(x + i);
+        for (int64_t j = i; j < i + kBlockElems; j += 32) {
+          add_square(sq_a, load16(x + j));
+          add_square(sq_b, load16(x + j + 16));
+        }
+        add_widened(sq_acc, sq_a);
+        add_widened(sq_acc, sq_b);
+      }
+      Floats16 sq_t{};
+      for (; i + 16 <= n; i += 16) add_square(sq_t, load16(x + i));
+      add_widened(sq_acc, sq_t);
+      double sum = lane_sum(sq_acc);
+      for (; i < n; ++i) {
+        const double v = static_cast<double>(x[i]);
+        sum += v * v;
+      }
+      if (__builtin_isfinite(sum) && sum >= 1e-37 * static_cast<double>(n) && sum > 0.0) {
+        return sum;
+      }
+    }
+  }
+  return abs_sq_sums(x, n, exact).sq;
+}
+
 // Gradients of float32 and the half types are computed in float32 (as torch's
 // autograd of the loop does) and rounded once to the parameter's dtype, as
 // long as both coefficients are comfortably inside float32's range
@@ -476,7 +517,8 @@ constexpr LoopsFor<T> loops() {
           &count_zeros<T>,
           &abs_sq_accumulate<T>,
           &penalty_grad_by_position<T>,
-          &scale_by_position_<T>};
+          &scale_by_position_<T>,
+          &sq_sum<T>};
 }
 
 constexpr VectorLoops kLoops{REGEXT_ISA_NAME, loops<float>(), loops<double>(), loops<c10::Half>(),

@@ -41,7 +41,7 @@ struct GradRequest {
 struct GroupGradRequest {
   at::ArrayRef<at::Tensor> dense;
   at::ArrayRef<at::Tensor> targets;
-  const std::vector<GroupLayout>& layouts;
+  at::ArrayRef<GroupLayout> layouts;
   const at::Tensor& stats;
   const at::Tensor& grad_total;
   const at::Tensor& l1;
@@ -94,12 +94,11 @@ struct CpuBackend {
                             const at::Tensor& threshold);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
   static void group_stats_and_total(at::ArrayRef<at::Tensor> dense,
-                                    const std::vector<GroupLayout>& layouts,
-                                    const at::Tensor& stats, const at::Tensor& total,
-                                    const at::Tensor& l1, const at::Tensor& l2);
+                                    at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
+                                    const at::Tensor& total, const at::Tensor& l1,
+                                    const at::Tensor& l2);
   static void group_grads(const GroupGradRequest& request);
-  static void prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                               const std::vector<GroupLayout>& layouts,
+  static void prox_group_lasso(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                                const at::Tensor& threshold);
 };
 
@@ -115,12 +114,11 @@ struct CudaBackend {
                             const at::Tensor& threshold);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
   static void group_stats_and_total(at::ArrayRef<at::Tensor> dense,
-                                    const std::vector<GroupLayout>& layouts,
-                                    const at::Tensor& stats, const at::Tensor& total,
-                                    const at::Tensor& l1, const at::Tensor& l2);
+                                    at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
+                                    const at::Tensor& total, const at::Tensor& l1,
+                                    const at::Tensor& l2);
   static void group_grads(const GroupGradRequest& request);
-  static void prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                               const std::vector<GroupLayout>& layouts,
+  static void prox_group_lasso(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                                const at::Tensor& threshold);
 };
 

@@ -61,8 +61,7 @@ std::tuple<at::Tensor, at::Tensor> group_penalty_forward(at::TensorList params,
   const std::vector<at::Tensor> dense = as_dense(params);
   const std::vector<GroupLayout> layouts = group_layouts(op, dense, group_dims, sqrt_size);
   const auto options = at::TensorOptions().device(device);
-  at::Tensor stats =
-      at::empty({total_groups(params, group_dims), kStatsColumns}, options.dtype(at::kDouble));
+  at::Tensor stats = at::empty({total_groups(layouts), kStatsColumns}, options.dtype(at::kDouble));
   at::Tensor total = at::empty({}, options.dtype(result_dtype(params)));
   Backend::group_stats_and_total(dense, layouts, stats, total, l1, l2);
   return {total, stats};
@@ -103,11 +102,10 @@ void group_penalty_grad_accumulate_(at::TensorList grads, at::TensorList params,
   const std::vector<at::Tensor> targets = accumulate_targets(grads, dense);
   const at::Tensor one = at::ones({}, at::TensorOptions().device(device).dtype(at::kDouble));
   accumulate_in_runs(grads, targets, [&](size_t b, size_t n) {
-    const std::vector<GroupLayout> run_layouts(layouts.begin() + b, layouts.begin() + b + n);
-    Backend::group_grads(GroupGradRequest{at::ArrayRef<at::Tensor>(dense).slice(b, n),
-                                          at::ArrayRef<at::Tensor>(targets).slice(b, n),
-                                          run_layouts, stats, one, l1, l2,
-                                          /*accumulate=*/true});
+    Backend::group_grads(GroupGradRequest{
+        at::ArrayRef<at::Tensor>(dense).slice(b, n), at::ArrayRef<at::Tensor>(targets).slice(b, n),
+        at::ArrayRef<GroupLayout>(layouts).slice(b, n), stats, one, l1, l2,
+        /*accumulate=*/true});
   });
 }
 

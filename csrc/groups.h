@@ -141,9 +141,9 @@ inline std::vector<GroupLayout> group_layouts(const char* op, at::TensorList den
 }
 
 // The stats rows all groups of the list occupy when placed in list order.
-inline int64_t total_groups(at::TensorList params, at::IntArrayRef group_dims) {
+inline int64_t total_groups(at::ArrayRef<GroupLayout> layouts) {
   int64_t n = 0;
-  for (size_t t = 0; t < params.size(); ++t) n += count_groups(params[t], group_dims[t]);
+  for (const GroupLayout& l : layouts) n += l.groups;
   return n;
 }
 

@@ -50,8 +50,6 @@ def coefficient(func: str, name: str, value):
     value = float(value)
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{func}: {name} must be a finite number >= 0, got {value!r}")
-    if torch.compiler.is_compiling():
-        return torch.zeros((), dtype=torch.float64) + value
     return torch.scalar_tensor(value, dtype=torch.float64)
 
 

@@ -137,12 +137,14 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
 
 
 def penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping=PER_TENSOR, *,
-                       func="fused_penalty"):
-    """fused_penalty for a checked, non-empty list: DTensors, one device, or several."""
+                       func="fused_penalty", names=None):
+    """fused_penalty for a checked, non-empty list: DTensors, one device, or several.
+    `names` (parallel to params, or None) name the parameters in DTensor errors."""
     if has_dtensor(params):
         distributed.check_per_tensor(func, grouping)
         # Sharded (FSDP2 / DTensor) parameters: local shards, one all_reduce.
-        return distributed.fused_penalty_dtensor(params, l1, l2, l2_squared)
+        return distributed.fused_penalty_dtensor(params, l1, l2, l2_squared, func=func,
+                                                 names=names)
     if same_device:
         return penalty_on_one_device(params, l1, l2, l2_squared, grouping)
     first_device = params[0].device

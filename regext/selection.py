@@ -368,12 +368,8 @@ class Penalty:
         (a 0-dim tensor)."""
         total = None
         for group, params, names, same_device, l1, l2 in self._calls("Penalty"):
-            if has_dtensor(params):
-                value = distributed.fused_penalty_dtensor(params, l1, l2, group.l2_squared,
-                                                          func="Penalty", names=names)
-            else:
-                value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device,
-                                           group.grouping, func="Penalty")
+            value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device,
+                                       group.grouping, func="Penalty", names=names)
             if self.error_if_nonfinite:
                 raise_if_nonfinite("Penalty", value, params, l1, l2, group.l2_squared, names)
             total = value if total is None else total + value.to(total.device)

@@ -1,5 +1,6 @@
-// What the CPU kernels (penalty_cpu.cpp, prox_cpu.cpp) share: the parallel
-// loop over the chunk table.
+// What the CPU kernels (penalty_cpu.cpp, prox_cpu.cpp, group_cpu.cpp) share: the
+// parallel loop over the chunk table, the float64-exact rule and writing the 0-dim
+// total.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,29 @@ namespace regext::cpu {
 // waking a second thread costs more than the work it takes over, and on a
 // busy machine the wake-up can cost milliseconds.
 constexpr int64_t kMinElemsPerThread = int64_t{1} << 18;
+
+// The 0-dim total (float32 or float64) from the float64 value. A float32 result
+// rounds it once; a value beyond float32's range becomes inf, as the loop's would
+// (filling a float tensor with the double raises "value cannot be converted to
+// type float without overflow").
+inline void fill_total(const at::Tensor& total, double value) {
+  if (total.scalar_type() == c10::kFloat) {
+    total.fill_(static_cast<float>(value));
+  } else {
+    total.fill_(value);
+  }
+}
+
+// Whether the sums of a list must be float64-exact: a float64 result (some tensor
+// is float64) gets float64-exact sums from every tensor; otherwise float32 tensors
+// use the faster float32 blocks, whose ~1e-7 error is that of the float32
+// result's own rounding.
+inline bool any_float64(at::TensorList tensors) {
+  for (const auto& t : tensors) {
+    if (t.scalar_type() == at::kDouble) return true;
+  }
+  return false;
+}
 
 inline int64_t total_numel(at::TensorList tensors) {
   int64_t n = 0;

@@ -26,7 +26,7 @@ struct ItemTable {
   int64_t num_slots = 0;
 };
 
-ItemTable make_item_table(const std::vector<GroupLayout>& layouts) {
+ItemTable make_item_table(at::ArrayRef<GroupLayout> layouts) {
   ItemTable table;
   table.first_slot.reserve(layouts.size());
   for (size_t t = 0; t < layouts.size(); ++t) {
@@ -74,13 +74,6 @@ inline std::pair<int64_t, int64_t> rows_of_item(const GroupLayout& l, int64_t k)
   return {o0, std::min(l.outer, o0 + l.rows_per_item)};
 }
 
-bool any_float64(at::ArrayRef<at::Tensor> dense) {
-  for (const auto& t : dense) {
-    if (t.scalar_type() == at::kDouble) return true;
-  }
-  return false;
-}
-
 // The partial sums of item k of a tensor with layout l into its slots `out`.
 template <typename T>
 void item_sums(const GroupLayout& l, int64_t k, const T* x, bool exact, cpu::AbsSqSums* out) {
@@ -110,7 +103,7 @@ void item_sums(const GroupLayout& l, int64_t k, const T* x, bool exact, cpu::Abs
 
 // stats[first_row + g] for every group; `exact`: float64 sums for every dtype (as the
 // per-tensor pass does where the result is float64, i.e. any tensor is float64).
-void group_stats(at::ArrayRef<at::Tensor> dense, const std::vector<GroupLayout>& layouts,
+void group_stats(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                  const at::Tensor& stats, bool exact) {
   const ItemTable table = make_item_table(layouts);
   std::vector<cpu::AbsSqSums> slots(table.num_slots);
@@ -138,7 +131,7 @@ void group_stats(at::ArrayRef<at::Tensor> dense, const std::vector<GroupLayout>&
 }
 
 // l1 * sum |x| + l2 * sum_g w_g ||x_g||_2 over every group, into the 0-dim total.
-void write_group_total(const std::vector<GroupLayout>& layouts, const at::Tensor& stats,
+void write_group_total(at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
                        const at::Tensor& total, double l1, double l2) {
   const double* s = stats.const_data_ptr<double>();
   PenaltyTotals totals;
@@ -148,12 +141,7 @@ void write_group_total(const std::vector<GroupLayout>& layouts, const at::Tensor
       totals.sum_l2 += l.weight * l2_term(s[g * kStatsColumns + 1], /*l2_squared=*/false);
     }
   }
-  const double value = totals.combine(l1, l2);
-  if (total.scalar_type() == c10::kFloat) {
-    total.fill_(static_cast<float>(value));
-  } else {
-    total.fill_(value);
-  }
+  cpu::fill_total(total, totals.combine(l1, l2));
 }
 
 // Per-position copies of per-group values for kPositions layouts: value_of(g) at
@@ -171,10 +159,10 @@ std::vector<double> by_position(const GroupLayout& l, ValueOf&& value_of) {
 }  // namespace
 
 void CpuBackend::group_stats_and_total(at::ArrayRef<at::Tensor> dense,
-                                       const std::vector<GroupLayout>& layouts,
-                                       const at::Tensor& stats, const at::Tensor& total,
-                                       const at::Tensor& l1, const at::Tensor& l2) {
-  group_stats(dense, layouts, stats, any_float64(dense));
+                                       at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
+                                       const at::Tensor& total, const at::Tensor& l1,
+                                       const at::Tensor& l2) {
+  group_stats(dense, layouts, stats, cpu::any_float64(dense));
   write_group_total(layouts, stats, total, l1.item<double>(), l2.item<double>());
 }
 
@@ -236,7 +224,7 @@ bool shrinks_run_by_run(const GroupLayout& l) {
 }
 
 // The proximal step of the tensors whose groups shrink run by run (one pass).
-void prox_run_by_run(at::ArrayRef<at::Tensor> dense, const std::vector<GroupLayout>& layouts,
+void prox_run_by_run(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                      double threshold, bool exact) {
   const ItemTable table = make_item_table(layouts);
   for_each_item(dense, table, [&](int64_t t, int64_t k) {
@@ -302,11 +290,10 @@ void prox_from_stats(at::ArrayRef<at::Tensor> dense, std::vector<GroupLayout> la
 
 }  // namespace
 
-void CpuBackend::prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                                  const std::vector<GroupLayout>& layouts,
+void CpuBackend::prox_group_lasso(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                                   const at::Tensor& threshold_tensor) {
   const double threshold = threshold_tensor.item<double>();
-  const bool exact = any_float64(dense);  // the sums group_penalty_forward would use
+  const bool exact = cpu::any_float64(dense);  // the sums group_penalty_forward would use
   std::vector<at::Tensor> one_pass, two_pass;
   std::vector<GroupLayout> one_pass_layouts, two_pass_layouts;
   for (size_t t = 0; t < dense.size(); ++t) {

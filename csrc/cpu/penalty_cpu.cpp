@@ -31,11 +31,7 @@ void compute_stats(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
                    const SamePassUpdate* update = nullptr) {
   const ChunkTable table = make_chunk_table(dense, kChunkElems);
   std::vector<cpu::AbsSqSums> partial(table.chunks.size());
-  // A float64 result (some tensor is float64) gets float64-exact sums from
-  // every tensor; otherwise float32 tensors use the faster float32 blocks,
-  // whose ~1e-7 error is that of the float32 result's own rounding.
-  bool exact = false;
-  for (const auto& t : dense) exact = exact || t.scalar_type() == at::kDouble;
+  const bool exact = cpu::any_float64(dense);
 
   cpu::for_each_chunk(dense, table, [&](int64_t c, const Chunk& chunk) {
     const at::Tensor& t = dense[chunk.tensor];
@@ -71,15 +67,7 @@ void write_total(const at::Tensor& stats, const at::Tensor& total, double l1, do
   for (int64_t t = 0; t < stats.size(0); ++t) {
     totals.add(s[t * kStatsColumns + 0], s[t * kStatsColumns + 1], l2_squared);
   }
-  // A float32 result rounds the float64 total once; a total beyond float32's
-  // range becomes inf, as the loop's would (filling a float tensor with the
-  // double raises "value cannot be converted to type float without overflow").
-  const double value = totals.combine(l1, l2);
-  if (total.scalar_type() == c10::kFloat) {
-    total.fill_(static_cast<float>(value));
-  } else {
-    total.fill_(value);
-  }
+  cpu::fill_total(total, totals.combine(l1, l2));
 }
 
 }  // namespace

@@ -10,8 +10,9 @@
 //        thread per group, over the block's outer indices and the group's run.
 //   2. group_combine_kernel: one thread per group adds its slots in the fixed
 //      order of combine_order into its stats row, and writes the group's
-//      weighted norm w_g ||x_g|| for the total.
+//      weighted norm w_g ||x_g|| for the total (the forward only).
 // then group_total_kernel: one block adds every row into the 0-dim total.
+// The proximal step runs 1 and 2 for its stats (no total), then its shrink.
 // Gradient and proximal step: one elementwise launch per batch over the same
 // items; each block, warp or thread derives its group's coefficient once from
 // the stats on the device. Sums and elementwise arithmetic are float64 for
@@ -65,7 +66,7 @@ struct GroupBatchPlan {
 // batch. `outputs` empty: none (the forward); else parallel to `inputs`.
 std::vector<GroupBatchPlan> plan_group_batches(at::ArrayRef<at::Tensor> inputs,
                                                at::ArrayRef<at::Tensor> outputs,
-                                               const std::vector<GroupLayout>& layouts) {
+                                               at::ArrayRef<GroupLayout> layouts) {
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
   std::vector<int64_t> first_slot(inputs.size());
   int64_t slots = 0;
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 __global__ void __launch_bounds__(kBlockThreads)
     group_combine_kernel(const __grid_constant__ GroupBatch batch,
                          const SumPair* __restrict__ slots, double* __restrict__ stats,
-                         double* __restrict__ l2_terms, int64_t num_groups) {
+                         double* __restrict__ l2_terms /* null: not wanted */, int64_t num_groups) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= num_groups) return;
   const int j = owner_of(batch.group_prefix, batch.num_tensors, index);
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t row = l.first_row + g;
   stats[row * kStatsColumns + 0] = sums.a;
   stats[row * kStatsColumns + 1] = sums.b;
-  l2_terms[row] = l.weight * l2_term(sums.b, /*l2_squared=*/false);
+  if (l2_terms != nullptr) l2_terms[row] = l.weight * l2_term(sums.b, /*l2_squared=*/false);
 }
 
 __global__ void __launch_bounds__(kBlockThreads)
@@ -304,25 +305,15 @@ void for_each_group_batch(const std::vector<GroupBatchPlan>& plans, Fn&& fn) {
   }
 }
 
-}  // namespace
-}  // namespace cuda
-
-using namespace cuda;
-
-void CudaBackend::group_stats_and_total(at::ArrayRef<at::Tensor> dense,
-                                        const std::vector<GroupLayout>& layouts,
-                                        const at::Tensor& stats, const at::Tensor& total,
-                                        const at::Tensor& l1_tensor, const at::Tensor& l2_tensor) {
-  const OnDevice on(stats.device());
-  const DeviceScalar l1 = device_scalar(l1_tensor, stats.device());
-  const DeviceScalar l2 = device_scalar(l2_tensor, stats.device());
-  const std::vector<GroupBatchPlan> plans = plan_group_batches(dense, {}, layouts);
+// Steps 1 and 2 of the forward: every group's sums into its stats row and, where
+// l2_terms is not null, its weighted norm for the total.
+void launch_group_sums(const OnDevice& on, const std::vector<GroupBatchPlan>& plans,
+                       at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
+                       double* l2_terms) {
   int64_t num_slots = 0;
   for (const auto& l : layouts) num_slots += l.num_slots;
-  const int64_t num_rows = stats.size(0);
   // One slot per piece, run or (item, group); every slot written by one block.
   at::Tensor slots = at::empty({std::max<int64_t>(num_slots, 1), kStatsColumns}, stats.options());
-  at::Tensor l2_terms = at::empty({std::max<int64_t>(num_rows, 1)}, stats.options());
   auto* slot_ptr = reinterpret_cast<SumPair*>(slots.data_ptr<double>());
   for_each_group_batch(plans, [&](auto tag, const GroupBatchPlan& plan) {
     using T = typename decltype(tag)::type;
@@ -331,9 +322,27 @@ void CudaBackend::group_stats_and_total(at::ArrayRef<at::Tensor> dense,
   for (const GroupBatchPlan& plan : plans) {
     if (plan.num_groups == 0) continue;
     launch(group_combine_kernel, (plan.num_groups + kBlockThreads - 1) / kBlockThreads,
-           kBlockThreads, on.stream, plan.batch, slot_ptr, stats.data_ptr<double>(),
-           l2_terms.data_ptr<double>(), plan.num_groups);
+           kBlockThreads, on.stream, plan.batch, slot_ptr, stats.data_ptr<double>(), l2_terms,
+           plan.num_groups);
   }
+}
+
+}  // namespace
+}  // namespace cuda
+
+using namespace cuda;
+
+void CudaBackend::group_stats_and_total(at::ArrayRef<at::Tensor> dense,
+                                        at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
+                                        const at::Tensor& total, const at::Tensor& l1_tensor,
+                                        const at::Tensor& l2_tensor) {
+  const OnDevice on(stats.device());
+  const DeviceScalar l1 = device_scalar(l1_tensor, stats.device());
+  const DeviceScalar l2 = device_scalar(l2_tensor, stats.device());
+  const int64_t num_rows = stats.size(0);
+  at::Tensor l2_terms = at::empty({std::max<int64_t>(num_rows, 1)}, stats.options());
+  launch_group_sums(on, plan_group_batches(dense, {}, layouts), layouts, stats,
+                    l2_terms.data_ptr<double>());
   launch(group_total_kernel, 1, kBlockThreads, on.stream, stats.const_data_ptr<double>(),
          l2_terms.const_data_ptr<double>(), num_rows, l1, l2, total.data_ptr(),
          total.scalar_type() == at::kDouble);
@@ -354,24 +363,22 @@ void CudaBackend::group_grads(const GroupGradRequest& r) {
 }
 
 void CudaBackend::prox_group_lasso(at::ArrayRef<at::Tensor> dense,
-                                   const std::vector<GroupLayout>& layouts,
+                                   at::ArrayRef<GroupLayout> layouts,
                                    const at::Tensor& threshold_tensor) {
   const c10::Device device = dense.front().device();
   const OnDevice on(device);
   const DeviceScalar threshold = device_scalar(threshold_tensor, device);
-  // The group norms from the forward's kernels (no total needed), then one shrink launch.
-  int64_t rows = 0;
-  for (const GroupLayout& l : layouts) rows += l.groups;
-  const auto options = at::TensorOptions().device(device).dtype(at::kDouble);
-  const at::Tensor stats = at::empty({rows, kStatsColumns}, options);
-  const at::Tensor zero = at::zeros({}, at::kDouble);
-  group_stats_and_total(dense, layouts, stats, at::empty({}, options), zero, zero);
-  for_each_group_batch(plan_group_batches(dense, dense, layouts),
-                       [&](auto tag, const GroupBatchPlan& plan) {
-                         using T = typename decltype(tag)::type;
-                         launch(group_lasso_shrink_kernel<T>, plan.num_items, kBlockThreads,
-                                on.stream, plan.batch, stats.const_data_ptr<double>(), threshold);
-                       });
+  // The group norms from the forward's kernels (no total), then one shrink launch;
+  // one plan for both (the sums read `inputs`, the shrink writes `outputs`).
+  const at::Tensor stats = at::empty({total_groups(layouts), kStatsColumns},
+                                     at::TensorOptions().device(device).dtype(at::kDouble));
+  const std::vector<GroupBatchPlan> plans = plan_group_batches(dense, dense, layouts);
+  launch_group_sums(on, plans, layouts, stats, /*l2_terms=*/nullptr);
+  for_each_group_batch(plans, [&](auto tag, const GroupBatchPlan& plan) {
+    using T = typename decltype(tag)::type;
+    launch(group_lasso_shrink_kernel<T>, plan.num_items, kBlockThreads, on.stream, plan.batch,
+           stats.const_data_ptr<double>(), threshold);
+  });
 }
 
 }  // namespace regext

@@ -30,13 +30,13 @@ struct MissingCudaBackend {
     no_cuda_kernels();
   }
   static void count_zeros(at::ArrayRef<at::Tensor>, const at::Tensor&) { no_cuda_kernels(); }
-  static void group_stats_and_total(at::ArrayRef<at::Tensor>, const std::vector<GroupLayout>&,
+  static void group_stats_and_total(at::ArrayRef<at::Tensor>, at::ArrayRef<GroupLayout>,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&) {
     no_cuda_kernels();
   }
   static void group_grads(const GroupGradRequest&) { no_cuda_kernels(); }
-  static void prox_group_lasso(at::ArrayRef<at::Tensor>, const std::vector<GroupLayout>&,
+  static void prox_group_lasso(at::ArrayRef<at::Tensor>, at::ArrayRef<GroupLayout>,
                                const at::Tensor&) {
     no_cuda_kernels();
   }

@@ -14,6 +14,7 @@ from regext import _C
 from regext import _meta  # noqa: F401
 from regext import reference
 from regext.grad import add_penalty_grad_
+from regext.no_decay import no_decay_names
 from regext.penalty import fused_penalty
 from regext.prox import prox_group_l2_, prox_l1_, prox_l2_squared_
 from regext.selection import Penalty, PenaltyGroup
@@ -39,4 +40,4 @@ def cpu_capability() -> str:
 
 __all__ = ["fused_penalty", "add_penalty_grad_", "Penalty", "PenaltyGroup", "prox_l1_",
            "prox_group_l2_", "prox_l2_squared_", "sparsity", "sparsity_report", "SparsityReport",
-           "TensorSparsity", "reference", "cuda_available", "cpu_capability", "__version__"]
+           "TensorSparsity", "no_decay_names", "reference", "cuda_available", "cpu_capability", "__version__"]

@@ -23,6 +23,12 @@ def named_tensors(func: str, source, *, require_names: bool = False) -> list:
         items = list(source.named_parameters())
     else:
         if isinstance(source, torch.Tensor):
+            if require_names:
+                raise TypeError(
+                    f"{func}: expected an nn.Module or (name, tensor) pairs, got a single "
+                    f"Tensor (shape {tuple(source.shape)}, dtype {source.dtype}); pass "
+                    f"[('weight', tensor)] (the name is what exclude patterns and errors "
+                    f"use), or the module that holds it")
             materialize_params(func, source)  # raises the "single Tensor" TypeError
         try:
             items = list(source)
@@ -35,7 +41,8 @@ def named_tensors(func: str, source, *, require_names: bool = False) -> list:
                 if not _is_named_pair(item):
                     raise TypeError(
                         f"{func}: element {i} is a {type(item).__name__}, not a (name, tensor) "
-                        f"pair; pass a module or module.named_parameters()")
+                        f"pair; pass a module, module.named_parameters(), or pairs such as "
+                        f"[('weight', tensor)]")
         elif not (items and all(_is_named_pair(item) for item in items)):
             items = [(str(i), p) for i, p in enumerate(items)]
             named = False

@@ -10,12 +10,11 @@ import enum
 import torch
 
 from regext import distributed
-from regext import _groups
+from regext import _groups, _nonfinite
 from regext._dtensor import has_dtensor
 from regext._groups import PER_TENSOR
 from regext._validation import (check_no_self_overlap, coefficient, indices_by_device, label,
                                 materialize_params)
-from regext.penalty import raise_if_nonfinite
 
 
 def _bad_grad(func, i, p, g, names):
@@ -151,8 +150,8 @@ def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
     `names` name the parameters in errors."""
     check = None
     if error_if_nonfinite:
-        def check(total):  # before any gradient is touched
-            raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names)
+        def check(total):  # before any gradient is touched; compiled: the zero to add
+            return _nonfinite.check_in_graph(func, total, params, l1, l2, l2_squared, names)
     if has_dtensor(params):
         distributed.check_per_tensor(func, grouping)
         # Sharded parameters (FSDP2 / DTensor): local shards, one all_reduce of the
@@ -181,7 +180,9 @@ def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
                         for group, _ in groups]
             totals = [total for total, _ in forwards]
             if check is not None:
-                check(_sum_on_first(totals))
+                zero = check(_sum_on_first(totals))
+                if zero is not None:  # compiled: the gradients depend on the check
+                    l1, l2 = l1 + zero.to(l1.device), l2 + zero.to(l2.device)
             for (group, group_plan), (total, stats) in zip(groups, forwards):
                 _add_grads_one_device(group, group_plan, stats, total, l1, l2, l2_squared,
                                       grouping)

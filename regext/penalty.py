@@ -2,11 +2,11 @@
 
 import torch
 
-from regext import _groups, distributed
-from regext._dtensor import has_dtensor, local_of
+from regext import _groups, _nonfinite, distributed
+from regext._dtensor import has_dtensor
 from regext._groups import PER_TENSOR
 from regext._grad import backward_grads, coefficient_grads
-from regext._validation import coefficient, label, materialize_params_and_device
+from regext._validation import coefficient, materialize_params_and_device
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -101,7 +101,10 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
         error_if_nonfinite: if True, a NaN or infinite penalty raises RuntimeError naming
             the first tensor whose norms are not finite (as
             ``torch.nn.utils.clip_grad_norm_`` does). This reads the value on the host:
-            one synchronization with the GPU per call. Off by default.
+            one synchronization with the GPU per call (not CUDA-graph capturable). Off
+            by default. Under ``torch.compile`` (``fullgraph=True`` too) the check is an
+            operator of the graph (``regext::check_finite_penalty``) and raises the same
+            error when the compiled step runs.
 
     Returns:
         A 0-dim tensor on the first parameter's device; float64 if any parameter is
@@ -132,7 +135,7 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
         return torch.zeros(())
     total = penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping, func=func)
     if error_if_nonfinite:
-        raise_if_nonfinite(func, total, params, l1, l2, l2_squared)
+        total = _nonfinite.checked_total(func, total, params, l1, l2, l2_squared)
     return total
 
 
@@ -155,27 +158,3 @@ def penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping=PER_TEN
     for t in totals[1:]:
         total = total + t
     return total
-
-
-def raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names=None):
-    """RuntimeError if `total` is NaN or inf, naming the first tensor whose norms are
-    not finite. Reads `total` on the host: one synchronization with a GPU."""
-    if bool(torch.isfinite(total)):
-        return
-    zero = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            local = local_of(p)
-            if local.numel() == 0:
-                continue
-            _, stats = torch.ops.regext.penalty_forward([local], zero, zero, l2_squared)
-            if not bool(torch.isfinite(stats).all()):
-                kind = "NaN" if bool(torch.isnan(local).any()) else "inf"
-                raise RuntimeError(
-                    f"{func}: the penalty is {total.item()} because {label('params', i, names)} "
-                    f"(shape {tuple(p.shape)}, dtype {p.dtype}) has a non-finite norm: it holds "
-                    f"{kind} values or values whose sum of squares overflows")
-    raise RuntimeError(
-        f"{func}: the penalty is {total.item()} although every tensor's norms are finite: "
-        f"l1 * sum of L1 norms + l2 * sum of L2 terms overflows the result dtype "
-        f"{total.dtype} (l1={float(l1)}, l2={float(l2)})")

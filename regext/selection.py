@@ -11,13 +11,14 @@ import warnings
 
 import torch
 
-from regext import _groups, distributed
+from regext import _groups, distributed, no_decay
 from regext._dtensor import has_dtensor
 from regext._named import named_tensors
+from regext._nonfinite import checked_total
 from regext._validation import (SUPPORTED_DTYPES, check_coefficient, check_writable,
                                 coefficient, materialize_params)
 from regext.grad import add_penalty_grad_checked
-from regext.penalty import penalty_of_checked, raise_if_nonfinite
+from regext.penalty import penalty_of_checked
 from regext.prox import prox_group_l2_checked, prox_l1_checked, prox_l2_squared_checked
 
 _OVERRIDE_KEYS = ("l1", "l2", "l2_squared", "group", "group_weight")
@@ -61,6 +62,7 @@ class PenaltyGroup:
     @l1.setter
     def l1(self, value):
         self._l1 = None if value is None else _check_spec("Penalty", "l1", value)
+        self._penalty._schedules_changed()
 
     @property
     def l2(self):
@@ -69,6 +71,15 @@ class PenaltyGroup:
     @l2.setter
     def l2(self, value):
         self._l2 = None if value is None else _check_spec("Penalty", "l2", value)
+        self._penalty._schedules_changed()
+
+    def _spec_and_slot(self, key, index):
+        """(the coefficient spec, its schedule slot in the Penalty): the group's own
+        override (slot ``key@index``) or the Penalty's default (slot ``key``)."""
+        own = getattr(self, "_" + key)
+        if own is None:
+            return getattr(self._penalty, key), key
+        return own, f"{key}@{index}"
 
     def __repr__(self):
         return (f"PenaltyGroup(l1={_show(self.l1)}, l2={_show(self.l2)}, "
@@ -112,13 +123,20 @@ def _as_patterns(func, arg, patterns):
     return patterns
 
 
-def _matcher(func, arg, spec):
-    """(name, param) -> bool from a callable or glob patterns; plus the patterns."""
+def _matcher(func, arg, spec, source=None):
+    """(name, param) -> bool from a callable or glob patterns; plus the patterns. With
+    `source` (the Penalty's module or pairs), the pattern "no_decay" is the preset
+    of regext.no_decay."""
     if spec is None:
         return (lambda name, p: False), ()
     if callable(spec):
         return spec, ()
     patterns = _as_patterns(func, arg, spec)
+    if source is not None and no_decay.PRESET in patterns:
+        patterns = tuple(pat for pat in patterns if pat != no_decay.PRESET)
+        preset = no_decay.no_decay_names(source)
+        return (lambda name, p: name in preset
+                or any(fnmatch.fnmatchcase(name, pat) for pat in patterns)), patterns
     return (lambda name, p: any(fnmatch.fnmatchcase(name, pat) for pat in patterns)), patterns
 
 
@@ -149,8 +167,16 @@ def _warn_unmatched(func, arg, patterns, names, aliases, excluded_too=()):
                               f"{name!r}); it stays {'penalized' if arg == 'exclude' else 'as it is'} "
                               f"unless {name!r} is matched too", stacklevel=3)
             continue
-        warnings.warn(f"{func}: {arg} pattern {pat!r} matches no parameter name"
-                      + (f" (names look like {names[0]!r})" if names else ""), stacklevel=3)
+        folded = next((n for n in names if fnmatch.fnmatch(n.lower(), pat.lower())), None)
+        if folded is not None:
+            hint = (f"; patterns are case-sensitive, and it would match {folded!r} ignoring "
+                    f"case" + ("" if arg != "exclude" else
+                               "; exclude='no_decay' leaves out biases and norm layers "
+                               "whatever their names"))
+        else:
+            hint = f" (names look like {names[0]!r})" if names else ""
+        warnings.warn(f"{func}: {arg} pattern {pat!r} matches no parameter name{hint}",
+                      stacklevel=3)
 
 
 def _check_override(func, key, value):
@@ -200,13 +226,19 @@ class Penalty:
             (``pen.l1 = 1e-4``); groups without their own value follow them.
         exclude: parameters left out of the penalty. Either a callable
             ``(name, param) -> bool`` (True excludes), or one glob pattern or an
-            iterable of them, matched with ``fnmatch`` against the full dotted name
-            (``"*bias"`` matches ``"0.bias"`` and ``"head.bias"``; ``"norm*"`` matches
-            only names that start with ``norm``; ``*`` also crosses dots, so
-            ``"*norm*"`` matches a ``norm`` anywhere). A pattern that matches nothing
-            warns; one that matches only the alias of a tied weight warns that the
-            tensor, listed under its first name, stays penalized. The usual "no decay on
-            biases and norm layers" for most models: ``exclude=lambda name, p: p.ndim < 2``.
+            iterable of them, matched with ``fnmatch.fnmatchcase`` (case-sensitive)
+            against the full dotted name (``"*bias"`` matches ``"0.bias"`` and
+            ``"head.bias"``; ``"norm*"`` matches only names that start with ``norm``;
+            ``*`` also crosses dots, so ``"*norm*"`` matches a ``norm`` anywhere, but not
+            ``LayerNorm``). The pattern ``"no_decay"`` is the preset of
+            :mod:`regext.no_decay`: biases, every tensor with ``ndim <= 1``, the
+            parameters of normalization layers (any name) and the model's
+            ``no_weight_decay()`` names, as the Hugging Face Trainer and timm leave
+            them out of weight decay; it combines with other patterns
+            (``exclude=["no_decay", "*.pos_embed"]``). A pattern that matches nothing
+            warns (naming a name it would match ignoring case); one that matches only
+            the alias of a tied weight warns that the tensor, listed under its first
+            name, stays penalized.
         group, group_weight: default groups of the L2 norm, as in
             :func:`regext.fused_penalty` (``"tensor"``, ``"row"`` or ``"column"``; ``None``
             or ``"sqrt_size"``): e.g. ``group="row"`` with ``exclude=lambda n, p: p.ndim
@@ -248,16 +280,25 @@ class Penalty:
                  group="tensor", group_weight=None, exclude=None, overrides=None,
                  error_if_nonfinite=False):
         func = "Penalty"
+        # Schedules' latest values for compiled code, by slot ("l1", "l2@3"); filled
+        # once a compiled call has met a schedule (see _coefficient).
+        self._schedule_values = {}
+        self._schedules_compiled = False
+        self._step = 0
+        self._groups = ()
         self.l1 = l1
         self.l2 = l2
         self.l2_squared = bool(l2_squared)
         _groups.grouping(func, group, group_weight)  # the names, checked now
         self.error_if_nonfinite = bool(error_if_nonfinite)
-        self.step = 0
+        self._attachment = None
         named = named_tensors(func, module_or_named_params, require_names=True)
         names = [n for n, _ in named]
         aliases = _aliases(module_or_named_params)
-        is_excluded, exclude_patterns = _matcher(func, "exclude", exclude)
+        is_excluded, exclude_patterns = _matcher(
+            func, "exclude", exclude,
+            module_or_named_params if isinstance(module_or_named_params, torch.nn.Module)
+            else named)
         override_for = _override_function(func, overrides, names, aliases)
 
         selected, excluded, groups = [], [], {}
@@ -313,6 +354,7 @@ class Penalty:
     @l1.setter
     def l1(self, value):
         self._l1 = _check_spec("Penalty", "l1", value)
+        self._schedules_changed()
 
     @property
     def l2(self):
@@ -322,12 +364,69 @@ class Penalty:
     @l2.setter
     def l2(self, value):
         self._l2 = _check_spec("Penalty", "l2", value)
+        self._schedules_changed()
 
-    def _coefficient(self, name, spec):
-        """A coefficient's value now, as the operators take it (a 0-dim tensor)."""
-        if callable(spec) and not isinstance(spec, torch.Tensor):
-            spec = spec(self.step)
-        return coefficient("Penalty", name, spec)
+    def _schedules_changed(self):
+        if self._schedules_compiled:
+            self._refresh_schedule_values()
+
+    @property
+    def step(self):
+        """The step number schedules are evaluated at: an int, 0 at first, advanced by
+        :meth:`attach`'s hooks at every optimizer step, or set by hand."""
+        return self._step
+
+    @step.setter
+    def step(self, value):
+        self._step = value
+        self._schedules_changed()
+
+    def _schedule_slots(self):
+        """(slot, name, spec) of every callable coefficient: the defaults and the
+        groups' overrides."""
+        specs = [("l1", "l1", self._l1), ("l2", "l2", self._l2)]
+        for i, g in enumerate(self._groups):
+            specs += [(f"l1@{i}", "l1", g._l1), (f"l2@{i}", "l2", g._l2)]
+        return [(slot, name, spec) for slot, name, spec in specs if _is_callable(spec)]
+
+    @torch.compiler.disable
+    def _refresh_schedule_values(self):
+        """Evaluates every schedule at the current step, eagerly, into the tensors that
+        compiled calls read (in place: a graph, compiled or CUDA-captured, that read
+        them sees the new values)."""
+        for slot, name, spec in self._schedule_slots():
+            self._hold_schedule_value(slot, coefficient("Penalty", name, spec(self._step)))
+
+    def _hold_schedule_value(self, slot, value):
+        held = self._schedule_values.get(slot)
+        value = value.detach()
+        if held is not None and held.device == value.device and held.dtype == value.dtype:
+            held.copy_(value)
+        else:
+            self._schedule_values[slot] = value.clone()
+
+    def _coefficient(self, name, spec, slot):
+        """A coefficient's value now, as the operators take it (a 0-dim tensor).
+
+        A schedule is evaluated at ``self.step`` in eager code. Compiled code must not
+        read the step (Dynamo would guard on the int and recompile at every step), so
+        the first compiled call that meets a schedule traces it once and switches the
+        Penalty to holding every schedule's value in a tensor, refreshed eagerly
+        whenever ``step`` is set; later compiled calls read those tensors (one more
+        compilation, then none: issue 20, item 3).
+        """
+        if not _is_callable(spec):
+            return coefficient("Penalty", name, spec)
+        if torch.compiler.is_compiling():
+            held = self._schedule_values.get(slot)
+            if held is not None:
+                return held
+            self._schedules_compiled = True
+            return coefficient("Penalty", name, spec(self._step))
+        value = coefficient("Penalty", name, spec(self._step))
+        if self._schedules_compiled:
+            self._hold_schedule_value(slot, value)
+        return value
 
     def _active(self, func, group):
         """(the group's parameters that require grad now, their names, whether they
@@ -352,14 +451,15 @@ class Penalty:
     def _calls(self, func, only=None):
         """(group, active params, their names, same device, l1, l2) for every group
         with at least one active parameter (among `only`, a set of ids, if given)."""
-        for group, sharded in zip(self._groups, self._sharded):
+        for i, (group, sharded) in enumerate(zip(self._groups, self._sharded)):
             params, names, same_device = self._active(func, group)
             if only is not None:
                 kept = [(p, n) for p, n in zip(params, names) if id(p) in only]
                 params, names = [p for p, _ in kept], [n for _, n in kept]
             if params:
                 yield (group, params, names, same_device and not sharded,
-                       self._coefficient("l1", group.l1), self._coefficient("l2", group.l2))
+                       self._coefficient("l1", *group._spec_and_slot("l1", i)),
+                       self._coefficient("l2", *group._spec_and_slot("l2", i)))
 
     # -- the penalty ---------------------------------------------------------------
 
@@ -371,7 +471,7 @@ class Penalty:
             value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device,
                                        group.grouping, func="Penalty", names=names)
             if self.error_if_nonfinite:
-                raise_if_nonfinite("Penalty", value, params, l1, l2, group.l2_squared, names)
+                value = checked_total("Penalty", value, params, l1, l2, group.l2_squared, names)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
 
@@ -445,7 +545,8 @@ class Penalty:
         (callable coefficients) see; for the first ``warmup_steps`` steps the penalty is
         not applied. Only real optimizer steps count, so gradient accumulation works.
         Frozen parameters are left alone (see the class docstring); every parameter the
-        Penalty selects must be in the optimizer (ValueError naming it otherwise);
+        Penalty selects that requires grad must be in the optimizer (ValueError naming
+        it otherwise);
         optimizer parameters the Penalty does not select are left alone.
 
         AMP (``torch.amp.GradScaler``): ``scaler.step(optimizer)`` unscales the
@@ -456,30 +557,88 @@ class Penalty:
         learning rates by ``found_inf == 0``, on the device, without synchronizing.
         Works with torch.optim SGD, Adam and AdamW, foreach and fused; see
         :class:`regext.optim.PenaltyAttachment`.
+
+        ``optimizer.step(closure)`` (LBFGS, and Lightning's automatic optimization,
+        which steps every optimizer with a closure): in grad mode the penalty gradient
+        is added after *every* evaluation of the closure (the closure zeroes the
+        gradients, so one added before it would be lost), and the closure's loss is
+        returned with the penalty value added (LBFGS compares those losses).
+        Wrappers that hold the real optimizer as ``.optimizer`` (accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) are unwrapped:
+        the hooks go on the optimizer that really steps.
+
+        A Penalty has at most one active attachment: attaching again before
+        ``remove()`` raises RuntimeError (it would apply the penalty twice per step).
+
+        Raises:
+            ValueError: an unknown ``mode``, a bad ``warmup_steps``, or a selected
+                parameter the optimizer does not hold (named).
+            TypeError: ``optimizer`` is neither a torch.optim.Optimizer nor a wrapper
+                holding one (an LR scheduler is named as such).
+            RuntimeError: the Penalty is already attached.
         """
         from regext.optim import PenaltyAttachment
-        return PenaltyAttachment(self, optimizer, mode, warmup_steps)
+        current = self._attachment
+        if current is not None and current.active:
+            raise RuntimeError(
+                f"Penalty.attach: this Penalty is already attached ({current!r}); a second "
+                f"attachment would apply it twice per step and advance pen.step twice. Attach "
+                f"once, before the training loop, or call remove() on the handle that attach "
+                f"returned before attaching again")
+        self._attachment = PenaltyAttachment(self, optimizer, mode, warmup_steps)
+        return self._attachment
 
     def state_dict(self):
-        """The state a resumed run needs: ``step`` and the coefficients (numbers and
-        tensors; a callable schedule is code, kept by the new Penalty's constructor)."""
+        """The state a resumed run needs: ``step`` and the coefficients (numbers, and
+        copies of tensors; a callable schedule is code, kept by the new Penalty's
+        constructor, and saved as the string ``"schedule"``)."""
         return {"step": self.step, "l1": _saved(self._l1), "l2": _saved(self._l2),
                 "groups": [{"l1": _saved(g._l1), "l2": _saved(g._l2)} for g in self._groups]}
 
     def load_state_dict(self, state):
-        """Restores :meth:`state_dict`'s state into a Penalty built the same way."""
+        """Restores :meth:`state_dict`'s state into a Penalty built the same way.
+
+        As ``nn.Module.load_state_dict`` does with parameters, a coefficient tensor the
+        Penalty holds keeps its identity: the saved value is copied into it (converted
+        to its dtype and device), so a schedule that updates it in place, and a
+        compiled or CUDA-captured graph that read it, see the restored value. Nothing
+        of the state dict is shared with the Penalty, or between two Penalties loaded
+        from one state dict. Where the Penalty holds a number (or a group has no
+        override), the saved number, or a copy of the saved tensor, takes its place;
+        schedules (code) stay as built.
+        Everything is checked before anything is changed.
+
+        Raises:
+            ValueError: the state does not fit this Penalty: another number of
+                groups, a missing key, a negative or non-finite number or step, or a
+                schedule on one side and a value on the other.
+            TypeError: a saved tensor that is not 0-dim floating point.
+        """
+        func = "Penalty.load_state_dict"
+        missing = [k for k in ("step", "l1", "l2", "groups") if k not in state]
+        if missing:
+            raise ValueError(f"{func}: the state has no {missing[0]!r} entry (keys: "
+                             f"{sorted(state)}); pass what Penalty.state_dict() returned")
         if len(state["groups"]) != len(self._groups):
-            raise ValueError(f"Penalty.load_state_dict: the state has {len(state['groups'])} "
+            raise ValueError(f"{func}: the state has {len(state['groups'])} "
                              f"groups but this Penalty has {len(self._groups)}; build it with "
                              f"the same selection and overrides")
-        self.step = int(state["step"])
-        for key in ("l1", "l2"):
-            if not _is_schedule(state[key]):
-                setattr(self, key, state[key])
-        for group, saved in zip(self._groups, state["groups"]):
+        step = state["step"]
+        if isinstance(step, torch.Tensor):
+            step = step.item()
+        if isinstance(step, bool) or int(step) != step or step < 0:
+            raise ValueError(f"{func}: step must be an int >= 0, got {state['step']!r}")
+        updates = [_restored(func, key, getattr(self, key), state[key],
+                             lambda v, key=key: setattr(self, key, v))
+                   for key in ("l1", "l2")]
+        for i, (group, saved) in enumerate(zip(self._groups, state["groups"])):
             for key in ("l1", "l2"):
-                if not _is_schedule(saved[key]):
-                    setattr(group, key, saved[key])
+                updates.append(_restored(func, f"groups[{i}].{key} ({group.names[0]!r}...)",
+                                         getattr(group, "_" + key), saved.get(key),
+                                         lambda v, g=group, key=key: setattr(g, key, v)))
+        for update in updates:
+            update()
+        self.step = int(step)
 
     # -- inspection ----------------------------------------------------------------
 
@@ -526,10 +685,48 @@ def _is_schedule(saved):
     return isinstance(saved, str) and saved == _SCHEDULE
 
 
+def _kind(spec):
+    if spec is None:
+        return "no override"
+    if _is_schedule(spec) or _is_callable(spec):
+        return "a schedule"
+    return "a tensor" if isinstance(spec, torch.Tensor) else "a number"
+
+
+def _restored(func, where, held, saved, assign):
+    """A checked, not yet applied, restore of one coefficient: a function that does it.
+    A tensor held is updated in place (the saved value copied in); otherwise the
+    saved value is assigned, a tensor as a copy. Schedules are code: neither side may
+    be one unless both are."""
+    if (_kind(held) == "a schedule") != (_kind(saved) == "a schedule"):
+        raise ValueError(f"{func}: {where} is {_kind(saved)} in the state but {_kind(held)} in "
+                         f"this Penalty; build the Penalty as the one that was saved (a "
+                         f"schedule is code: pass it to the constructor again)")
+    if _kind(held) == "a schedule":
+        return lambda: None
+    if saved is None:
+        return lambda: assign(None)
+    if isinstance(saved, torch.Tensor):
+        coefficient(func, where, saved)  # 0-dim floating point, or TypeError
+    else:
+        saved = check_coefficient(func, where, saved)
+    if isinstance(held, torch.Tensor):
+        def copy_in():
+            with torch.no_grad():
+                held.copy_(saved)
+        return copy_in
+    copy = saved.detach().clone() if isinstance(saved, torch.Tensor) else saved
+    return lambda: assign(copy)
+
+
 def _saved(spec):
     if isinstance(spec, torch.Tensor):
         return spec.detach().clone()
     return _SCHEDULE if callable(spec) else spec
+
+
+def _is_callable(spec):
+    return callable(spec) and not isinstance(spec, torch.Tensor)
 
 
 def _maybe_positive(c):

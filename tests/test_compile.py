@@ -1,6 +1,8 @@
 """fused_penalty and every operator under torch.compile(fullgraph=True): no graph
 break, the same numbers as eager."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,99 @@ def test_penalty_with_a_changing_coefficient_under_compile():
         torch.testing.assert_close(compiled(), regext.fused_penalty(model.parameters(),
                                                                     0.1 * k, 0.2))
     assert counter.frame_count == 1
+
+
+# ---- schedules and error_if_nonfinite inside compiled steps (issue 20, items 3, 6) ---------
+
+def _schedule_l1(step):
+    return 1e-3 * step
+
+
+def _schedule_l2(step):  # warm-up with min, piecewise decay, math: any Python body
+    return 1e-2 * min(1.0, step / 10) * (0.5 if step > 50 else 1.0) * math.cos(step / 100)
+
+
+@pytest.mark.parametrize("call", ["penalty", "add_grad_"])
+def test_schedules_compile_at_most_twice_over_100_steps(call):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 1))
+    ref = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 1))
+    ref.load_state_dict(model.state_dict())
+    pen = regext.Penalty(model, l1=_schedule_l1, l2=_schedule_l2, exclude="*bias",
+                         overrides={"1.*": {"l1": lambda s: 2e-3 * (s % 7)}})
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = (lambda: pen()) if call == "penalty" else (lambda: pen.add_grad_())
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    torch._dynamo.utils.counters.clear()
+    for step in range(100):
+        pen.step = step
+        for p in model.parameters():
+            p.grad = None
+        got = compiled()
+        l1, l2 = _schedule_l1(step), _schedule_l2(step)
+        ref_pen = regext.Penalty(ref, l1=l1, l2=l2, exclude="*bias",
+                                 overrides={"1.*": {"l1": 2e-3 * (step % 7)}})
+        for p in ref.parameters():
+            p.grad = None
+        want = ref_pen() if call == "penalty" else ref_pen.add_grad_()
+        assert torch.equal(got, want), step
+        if call == "add_grad_":
+            for p, q in zip(model.parameters(), ref.parameters()):
+                assert (p.grad is None) == (q.grad is None) and (p.grad is None
+                                                                 or torch.equal(p.grad, q.grad))
+    # Compiled twice at most (Dynamo's own count of graphs it compiled).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_an_attached_schedule_in_a_compiled_step():
+    """The optimizer's hooks advance pen.step between compiled calls of the loss."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch.manual_seed(6)
+    model = nn.Linear(8, 3)
+    ref = nn.Linear(8, 3)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(16, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    pen = regext.Penalty(model, l1=lambda s: 1e-2 * min(1.0, s / 5))
+    pen.attach(opt, "prox")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    loss_fn = torch.compile(lambda: model(x).pow(2).mean(), fullgraph=True, backend=counter)
+    for step in range(30):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        ref_opt.zero_grad()
+        ref(x).pow(2).mean().backward()
+        ref_opt.step()
+        regext.Penalty(ref, l1=1e-2 * min(1.0, step / 5)).prox_(0.1)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("where", ["fused_penalty", "Penalty", "add_penalty_grad_"])
+def test_error_if_nonfinite_under_fullgraph_compile(where):
+    model = nn.Linear(4, 3)
+    pen = regext.Penalty(model, l1=0.1, error_if_nonfinite=True)
+    fn = {"fused_penalty": lambda: regext.fused_penalty(model.parameters(), 0.1,
+                                                         error_if_nonfinite=True),
+          "Penalty": lambda: pen(),
+          "add_penalty_grad_": lambda: regext.add_penalty_grad_(model.parameters(), 0.1,
+                                                                 error_if_nonfinite=True)}[where]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    model.zero_grad()
+    torch.testing.assert_close(compiled(), regext.fused_penalty(model.parameters(), 0.1))
+    with torch.no_grad():
+        model.weight[1, 2] = float("nan")
+    grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    name = "weight" if where == "Penalty" else r"params\[0\]"
+    with pytest.raises(RuntimeError, match=rf"{where}: the penalty is nan because {name} "
+                                           rf"\(shape \(3, 4\), dtype torch.float32\) has a "
+                                           rf"non-finite norm: it holds NaN"):
+        compiled()
+    for g, p in zip(grads, model.parameters()):  # nothing was written before the error
+        assert (g is None and p.grad is None) or torch.equal(g, p.grad)

@@ -1,6 +1,7 @@
 """The regext package is a layered DAG: imports point only downward.
 
-    leaves    _dtensor, _validation, _groups, _grad, _meta, reference, _named
+    leaves    _dtensor, _validation, _groups, _grad, _meta, _batching, reference, _named,
+              no_decay, _nonfinite
     adapters  penalty (autograd), distributed (all DTensor logic)
     features  grad, prox, sparsity, optim, selection
     package   __init__
@@ -16,7 +17,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
-    ["_dtensor", "_validation", "_groups", "_grad", "_meta", "reference", "_named"],
+    ["_dtensor", "_validation", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
+     "no_decay", "_nonfinite"],
     ["distributed", "penalty"],
     ["grad", "prox", "sparsity", "optim", "selection"],
     ["__init__"],

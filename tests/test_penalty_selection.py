@@ -324,3 +324,17 @@ def test_excluding_a_tied_alias_warns_that_the_tensor_stays_penalized():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         regext.Penalty(model, l1=0.1, exclude=["head.weight", "emb.weight"])
+
+
+def test_a_single_tensor_or_bare_tensors_get_a_message_that_names_what_works():
+    w = torch.randn(3, 2)
+    with pytest.raises(TypeError, match=r"Penalty: expected an nn.Module or \(name, tensor\) "
+                                        r"pairs, got a single Tensor \(shape \(3, 2\), dtype "
+                                        r"torch.float32\); pass \[\('weight', tensor\)\]"):
+        regext.Penalty(w, 0.1)
+    with pytest.raises(TypeError, match=r"element 0 is a Tensor, not a \(name, tensor\) pair; "
+                                        r"pass a module, module.named_parameters\(\), or pairs "
+                                        r"such as \[\('weight', tensor\)\]"):
+        regext.Penalty([w], 0.1)
+    # What the messages suggest works.
+    assert regext.Penalty([("weight", w)], 0.1).names == ("weight",)

@@ -12,6 +12,7 @@
 #include <c10/util/OptionalArrayRef.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 namespace regext {
@@ -24,6 +25,23 @@ inline bool is_supported_dtype(c10::ScalarType t) {
 inline c10::Device device_of(const char* op, at::TensorList params) {
   TORCH_CHECK_VALUE(!params.empty(), op, ": params must hold at least one tensor");
   return params[0].device();
+}
+
+// A tensor's elements must lie inside its storage. FSDP1 frees an unsharded
+// parameter by resizing its storage to 0 bytes, and a view kept from inside
+// summon_full_params still has its shape: reading it would read freed memory
+// (torch's own x.sum() crashes on such a tensor). Metadata only: a few integer
+// operations per tensor.
+inline void check_storage_holds(const char* op, const char* arg, size_t i, const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage() || t.is_meta()) return;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+  const int64_t needed = (last + 1) * static_cast<int64_t>(t.element_size());
+  const int64_t held = static_cast<int64_t>(t.storage().nbytes());
+  TORCH_CHECK_VALUE(held >= needed, op, ": ", arg, "[", i, "] (shape ", t.sizes(), ", dtype ",
+                    t.scalar_type(), ") needs ", needed, " bytes of storage but its storage holds ",
+                    held, ": its memory was freed (FSDP1 frees unsharded parameters outside "
+                    "summon_full_params and the forward)");
 }
 
 // Every tensor must be strided, real floating point, and on `device`.
@@ -39,6 +57,7 @@ inline void check_tensor_list(const char* op, const char* arg, at::TensorList te
         "; expected a real floating-point dtype (float16, bfloat16, float32, float64)");
     TORCH_CHECK(t.device() == device, op, ": ", arg, "[", i, "] is on ", t.device(), " but ", arg,
                 "[0] is on ", device, "; call once per device");
+    check_storage_holds(op, arg, i, t);
   }
 }
 

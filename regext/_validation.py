@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from regext._dtensor import has_dtensor
+from regext._engines import check_whole, distributed_active
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
@@ -98,6 +99,8 @@ def materialize_params_and_device(func: str, params, arg: str = "params", names=
             same_device = False
     if not same_device:
         _check_meta_not_mixed(func, arg, items, names)
+    if distributed_active():
+        check_whole(func, items, lambda i: label(arg, i, names))
     return items, same_device
 
 

@@ -13,6 +13,7 @@ import torch
 
 from regext import _groups, distributed, no_decay
 from regext._dtensor import has_dtensor
+from regext._engines import check_whole, distributed_active
 from regext._named import named_tensors
 from regext._nonfinite import checked_total
 from regext._validation import (SUPPORTED_DTYPES, check_coefficient, check_writable,
@@ -446,6 +447,8 @@ class Penalty:
                 same_device = False
             params.append(p)
             names.append(name)
+        if distributed_active():  # an engine may have sharded them since construction
+            check_whole(func, params, names.__getitem__)
         return params, names, same_device
 
     def _calls(self, func, only=None):

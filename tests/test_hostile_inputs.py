@@ -150,3 +150,19 @@ def test_add_penalty_grad_rejects_bad_element_at_37_leaving_grads_alone(name, ma
     assert _regext_ops_run(call) == []
     _assert_untouched(params, snapshot, grads_were_none=not grads_exist)
 
+
+
+def test_a_tensor_whose_storage_was_freed_is_refused_not_read():
+    """FSDP1 frees unsharded parameters by resizing their storage to 0 bytes; a view
+    that kept its shape would be read out of bounds (torch's own x.sum() crashes)."""
+    x = torch.randn(5, 6)
+    ok = torch.randn(3)
+    x.untyped_storage().resize_(0)
+    for call in (lambda: regext.fused_penalty([ok, x], 0.1, 0.2),
+                 lambda: regext.add_penalty_grad_([ok, x.requires_grad_()], 0.1, 0.2),
+                 lambda: regext.prox_l1_([ok, x.detach()], 0.1),
+                 lambda: regext.fused_penalty([ok, x], 0.1, 0.2, group="row")):
+        with pytest.raises(ValueError, match=r"params\[1\] \(shape \[5, 6\], dtype Float\) needs "
+                                             r"120 bytes of storage but its storage holds 0: its "
+                                             r"memory was freed"):
+            call()

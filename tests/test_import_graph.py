@@ -1,6 +1,6 @@
 """The regext package is a layered DAG: imports point only downward.
 
-    leaves    _dtensor, _validation, _groups, _grad, _meta, _batching, reference, _named,
+    leaves    _dtensor, _engines, _validation, _groups, _grad, _meta, _batching, reference, _named,
               no_decay, _nonfinite
     adapters  penalty (autograd), distributed (all DTensor logic)
     features  grad, prox, sparsity, optim, selection
@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
-    ["_dtensor", "_validation", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
+    ["_dtensor", "_engines", "_validation", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
      "no_decay", "_nonfinite"],
     ["distributed", "penalty"],
     ["grad", "prox", "sparsity", "optim", "selection"],

@@ -27,3 +27,12 @@ def has_dtensor(params) -> bool:
 def local_of(p):
     """A DTensor's local tensor (this rank's shard); any other tensor itself."""
     return p.to_local() if is_dtensor(p) else p
+
+
+def functorch_error(func):
+    """The error for DTensors under a torch.func transform, which regext does not support
+    (their local shards and the all_reduce of the penalty's sums are not batchable)."""
+    return NotImplementedError(
+        f"{func}: DTensor (FSDP2 / tensor-parallel) parameters are not supported under "
+        f"torch.func transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap); use "
+        f"torch.autograd (loss.backward()) for them")

@@ -50,7 +50,7 @@ rows never leave the device, and the collective is the only communication.
 
 import torch
 
-from regext._dtensor import dtensor_type, has_dtensor, local_of
+from regext._dtensor import dtensor_type, functorch_error, has_dtensor, local_of
 from regext._grad import backward_grads, coefficient_grads
 from regext._meta import result_dtype
 from regext._validation import coefficient, label
@@ -360,6 +360,8 @@ class _ShardedPenalty(torch.autograd.Function):
 
 def fused_penalty_dtensor(params, l1, l2, l2_squared, *, func="fused_penalty", names=None):
     """fused_penalty for a checked, non-empty list containing DTensors."""
+    if torch._C._are_functorch_transforms_active():
+        raise functorch_error(func)
     l1, l2 = coefficient(func, "l1", l1), coefficient(func, "l2", l2)
     plan = make_plan(func, params, names)
     return _ShardedPenalty.apply(plan, l1, l2, l2_squared, *params)

@@ -2,10 +2,12 @@
 
 import torch
 
+from regext import _batching  # noqa: F401  (vmap rules of the operators)
 from regext import _groups, _nonfinite, distributed
-from regext._dtensor import has_dtensor
+from regext._dtensor import functorch_error, has_dtensor
 from regext._groups import PER_TENSOR
-from regext._grad import backward_grads, coefficient_grads
+from regext._grad import (backward_grads, coefficient_grads, functorch_or_forward_ad,
+                          penalty_jvp)
 from regext._validation import coefficient, materialize_params_and_device
 
 
@@ -20,6 +22,9 @@ class _FusedPenalty(torch.autograd.Function):
     A torch.autograd.Function rather than torch.library.register_autograd: the
     DTensor path (regext.distributed) must all_reduce `stats` between the
     operator and the total, which an operator's own autograd formula cannot.
+
+    This class (forward with ctx, no jvp) serves plain autograd and torch.compile;
+    _FusedPenaltyFunc, the same computation, serves torch.func and forward-mode AD.
     """
 
     @staticmethod
@@ -49,9 +54,63 @@ class _FusedPenalty(torch.autograd.Function):
         return (d_l1, d_l2, None, None, *grads)
 
 
+class _FusedPenaltyFunc(_FusedPenalty):
+    """_FusedPenalty for torch.func transforms (grad, vjp, jvp, jacrev, jacfwd,
+    hessian, vmap) and torch.autograd.forward_ad.
+
+    torch.func needs forward without ctx and a separate setup_context, so `stats`
+    is an output here (returned with the total); generate_vmap_rule runs forward,
+    backward and jvp on batched tensors, whose operators have batching rules
+    (regext._batching). jvp: float64 dot products of the tangents
+    (regext._grad.penalty_jvp). Kept apart from _FusedPenalty because that style
+    costs plain calls an inspect.signature binding of the arguments in
+    Function.apply, and torch.compile (dynamo) cannot trace a Function with a jvp.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(l1, l2, l2_squared, grouping, *params):
+        if has_dtensor(params):
+            # Plain calls route DTensors to regext.distributed; one gets here only
+            # wrapped by a torch.func transform (grad, vmap, ...), which hid it.
+            raise functorch_error("fused_penalty")
+        return _groups.penalty_forward(list(params), l1, l2, l2_squared, grouping)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        l1, l2, l2_squared, grouping, *params = inputs
+        total, stats = output
+        # `stats` never leaves regext (the caller keeps the total only), so it is not
+        # marked non-differentiable: under jacfwd(vmap(...)) torch's generated vmap rule
+        # fails on a non-differentiable output (torch 2.13). Its gradient arrives as
+        # None (no materialized zeros) and its tangent is 0.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(stats, l1, l2, *params)
+        ctx.save_for_forward(stats, l1, l2, *params)
+        ctx.l2_squared, ctx.grouping, ctx.total_dtype = l2_squared, grouping, total.dtype
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_stats):
+        if grad_total is None:
+            # Reached through `stats` only (an outer transform differentiating the
+            # backward, whose PenaltyGrad gives stats no gradient): nothing flows.
+            return (None,) * (1 + len(ctx.saved_tensors))  # l1, l2, 2 flags, params
+        return _FusedPenalty.backward(ctx, grad_total)
+
+    @staticmethod
+    def jvp(ctx, l1_tangent, l2_tangent, _l2_squared, _grouping, *tangents):
+        stats, l1, l2, *params = ctx.saved_tensors
+        total_tangent = penalty_jvp(params, tangents, stats, l1, l2, l1_tangent, l2_tangent,
+                                    ctx.l2_squared, ctx.grouping)
+        return total_tangent.to(ctx.total_dtype), torch.zeros_like(stats)
+
+
 def penalty_on_one_device(params, l1, l2, l2_squared, grouping=PER_TENSOR):
     """fused_penalty for a checked, non-empty list of plain tensors on one device;
     l1 and l2 are coefficient tensors (regext._validation.coefficient)."""
+    if not torch.compiler.is_compiling() and functorch_or_forward_ad():
+        return _FusedPenaltyFunc.apply(l1, l2, l2_squared, grouping, *params)[0]
     return _FusedPenalty.apply(l1, l2, l2_squared, grouping, *params)
 
 

@@ -479,6 +479,32 @@ def case_errors(rank, world):
     expect_no_collective(log2)
 
 
+@case()
+def case_torch_func_transforms_refuse_dtensors_clearly(rank, world):
+    """Under torch.func (grad, vmap) DTensor parameters raise NotImplementedError naming
+    the transforms, before any collective; plain autograd still works after it."""
+    from torch.distributed.tensor import Shard
+    import regext
+    full = full_tensors([(4, 3)], [torch.float64], seed=27)
+    w = distribute(full, mesh_1d(world), [[Shard(0)]])[0]
+    calls = [
+        lambda: torch.func.grad(lambda w: regext.fused_penalty([w], 0.1, 0.2))(w),
+        lambda: torch.func.grad(  # a DTensor closed over by the transformed function
+            lambda x: (x * x).sum() + regext.fused_penalty([w], 0.1, 0.2))(torch.ones(2)),
+        lambda: torch.func.vmap(lambda w: regext.fused_penalty([w], 0.1, 0.2))(w),
+    ]
+    with count_collectives() as log:
+        for call in calls:
+            try:
+                call()
+            except NotImplementedError as e:
+                assert "DTensor" in str(e) and "torch.func" in str(e), str(e)
+            else:
+                raise AssertionError("a DTensor under a torch.func transform did not raise")
+    expect_no_collective(log)
+    run_and_compare([w], full, 0.1, 0.2)
+
+
 @case(fsdp=True)
 def case_fsdp2_training(rank, world):
     """FSDP2 (fully_shard) training with the penalty vs one process on the full batch."""

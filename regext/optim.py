@@ -22,7 +22,7 @@ def unwrap_optimizer(func, optimizer):
     (accelerate skips the step on accumulation micro-batches, and so do the hooks).
     """
     for _ in range(8):  # wrappers of wrappers; a cycle would be a bug elsewhere
-        if "_optimizer_step_pre_hooks" in vars(optimizer):
+        if "_optimizer_step_pre_hooks" in getattr(optimizer, "__dict__", ()):
             return optimizer  # a real Optimizer: it ran Optimizer.__init__
         if isinstance(optimizer, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(f"{func}: got the LR scheduler {type(optimizer).__name__}; pass the "

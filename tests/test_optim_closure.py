@@ -145,6 +145,7 @@ def test_wrapped_optimizers_are_unwrapped():
 
 def test_accelerate_optimizer_is_unwrapped():
     accelerate = pytest.importorskip("accelerate")
+    accelerate.Accelerator(cpu=True)  # AcceleratedOptimizer needs its state set up
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=0.01)
     wrapped = accelerate.optimizer.AcceleratedOptimizer(inner, device_placement=False)

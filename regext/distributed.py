@@ -66,7 +66,7 @@ __all__ = [
     "prox_group_l2_dtensor_",
     "scale_dtensor_",
     "zero_counts_dtensor",
-    "check_per_tensor",
+    "as_param_grad",
     "make_plan",
     "reduce_rows",
     "unpermute_rows",
@@ -94,16 +94,6 @@ class Plan:
         self.zero_ranges = zero_ranges  # [(start, end)): rows this rank sends as 0
         self.group = group              # the process group of the all_reduce
         self.layouts = layouts          # per caller position: (mesh, placements, shape, stride) or None
-
-
-def check_per_tensor(func, grouping):
-    """NotImplementedError for groups other than whole tensors on DTensors."""
-    if not grouping.per_tensor:
-        raise NotImplementedError(
-            f"{func}: group={grouping.kind!r}"
-            f"{', group_weight=' + repr('sqrt_size') if grouping.sqrt_size else ''} is not "
-            f"supported for DTensor (FSDP2 / tensor-parallel) parameters yet: a shard may "
-            f"split a group; use group='tensor' and no group_weight for them")
 
 
 def _shard_dims(func, what, p):
@@ -293,7 +283,7 @@ def select_rows(stats, rows):
     return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
-def _as_grad(local_grad, layout):
+def as_param_grad(local_grad, layout):
     """A local gradient as the parameter's kind: a DTensor with its placements."""
     if layout is None:
         return local_grad
@@ -348,7 +338,7 @@ class _ShardedPenalty(torch.autograd.Function):
             chosen = [(j, plan.order[j]) for j in rows]
         for (j, i), g in zip(chosen, subset):
             if needed[i]:
-                grads[i] = _as_grad(g, plan.layouts[i])
+                grads[i] = as_param_grad(g, plan.layouts[i])
         d_l1, d_l2 = coefficient_grads(ctx.needs_input_grad[1:3], grad_total, stats, None,
                                        ctx.l2_squared)
         if d_l1 is not None:
@@ -413,7 +403,7 @@ def add_penalty_grad_dtensor_(params, l1, l2, l2_squared=False, *,
             i = plan.order[j]
             p, layout = params[i], plan.layouts[i]
             if p.grad is None:
-                p.grad = _as_grad(torch.zeros_like(plan.local[j]), layout)
+                p.grad = as_param_grad(torch.zeros_like(plan.local[j]), layout)
             local_grads.append(p.grad.to_local() if layout is not None else p.grad)
         torch.ops.regext.penalty_grad_accumulate_(
             local_grads, [plan.local[j] for j in rows], select_rows(stats, rows), l1, l2,

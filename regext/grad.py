@@ -9,7 +9,7 @@ import enum
 
 import torch
 
-from regext import distributed
+from regext import distributed, distributed_groups
 from regext import _groups, _nonfinite
 from regext._dtensor import has_dtensor
 from regext._groups import PER_TENSOR
@@ -152,8 +152,11 @@ def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,
     if error_if_nonfinite:
         def check(total):  # before any gradient is touched; compiled: the zero to add
             return _nonfinite.check_in_graph(func, total, params, l1, l2, l2_squared, names)
+    if has_dtensor(params) and not grouping.per_tensor:
+        return distributed_groups.add_group_penalty_grad_dtensor_(params, l1, l2, grouping,
+                                                                  func=func, names=names,
+                                                                  check=check)
     if has_dtensor(params):
-        distributed.check_per_tensor(func, grouping)
         # Sharded parameters (FSDP2 / DTensor): local shards, one all_reduce of the
         # per-tensor sums, gradients as DTensors with the parameters' placements.
         return distributed.add_penalty_grad_dtensor_(params, l1, l2, l2_squared, func=func,

@@ -3,7 +3,7 @@
 import torch
 
 from regext import _batching  # noqa: F401  (vmap rules of the operators)
-from regext import _groups, _nonfinite, distributed
+from regext import _groups, _nonfinite, distributed, distributed_groups
 from regext._dtensor import functorch_error, has_dtensor
 from regext._groups import PER_TENSOR
 from regext._grad import (backward_grads, coefficient_grads, functorch_or_forward_ad,
@@ -203,8 +203,10 @@ def penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping=PER_TEN
     """fused_penalty for a checked, non-empty list: DTensors, one device, or several.
     `names` (parallel to params, or None) name the parameters in DTensor errors."""
     if has_dtensor(params):
-        distributed.check_per_tensor(func, grouping)
         # Sharded (FSDP2 / DTensor) parameters: local shards, one all_reduce.
+        if not grouping.per_tensor:
+            return distributed_groups.group_penalty_dtensor(params, l1, l2, grouping, func=func,
+                                                            names=names)
         return distributed.fused_penalty_dtensor(params, l1, l2, l2_squared, func=func,
                                                  names=names)
     if same_device:

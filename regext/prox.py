@@ -11,7 +11,7 @@ proximal gradient descent (ISTA; Parikh & Boyd, "Proximal Algorithms", 2014, §6
 
 import torch
 
-from regext import _groups, distributed
+from regext import _groups, distributed, distributed_groups
 from regext._dtensor import has_dtensor
 from regext._groups import PER_TENSOR
 from regext._validation import check_writable, coefficient, indices_by_device, materialize_params
@@ -90,8 +90,11 @@ def prox_group_l2_checked(func, params, threshold, names=None, grouping=PER_TENS
     """prox_group_l2_ for a checked, writable list and a threshold tensor."""
     with torch.no_grad():
         if has_dtensor(params):
-            distributed.check_per_tensor(func, grouping)
-            distributed.prox_group_l2_dtensor_(params, threshold, func=func, names=names)
+            if grouping.per_tensor:
+                distributed.prox_group_l2_dtensor_(params, threshold, func=func, names=names)
+            else:
+                distributed_groups.prox_group_lasso_dtensor_(params, threshold, grouping,
+                                                             func=func, names=names)
             return
         for rows in indices_by_device(params):
             subset = [params[i] for i in rows]

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from regext import _groups, distributed, no_decay
+from regext import _groups, no_decay
 from regext._dtensor import has_dtensor
 from regext._engines import check_whole, distributed_active
 from regext._named import named_tensors
@@ -341,9 +341,6 @@ class Penalty:
             for coefs, members in groups.values())
         # Decided once: whether a group holds DTensors (FSDP2), which take their own path.
         self._sharded = tuple(has_dtensor(g.params) for g in self._groups)
-        for g, sharded in zip(self._groups, self._sharded):
-            if sharded:
-                distributed.check_per_tensor(f"Penalty ({g.names[0]!r})", g.grouping)
 
     # -- coefficients ----------------------------------------------------------------
 

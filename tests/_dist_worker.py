@@ -185,26 +185,86 @@ def case_shard0(rank, world):
     run_and_compare(params, full, 0.3, 0.7, l2_squared=True)
 
 
+GROUP_SHAPES = [(5, 3), (3,), (1, 4), (7, 2), (2, 3, 2), (4, 5)]
+
+
+def group_reference(full, l1, l2, **group):
+    """Single-process regext group lasso on the full tensors: (value, grads)."""
+    import regext
+    leaves = [t.detach().clone().requires_grad_(True) for t in full]
+    value = regext.fused_penalty(leaves, l1, l2, **group)
+    return value.detach(), torch.autograd.grad(value, leaves)
+
+
 @case()
-def case_groups_on_dtensors_are_refused_before_anything_runs(rank, world):
+def case_group_lasso_on_shards(rank, world):
+    """group='row' | 'column' (and sqrt_size weights) on Shard(0), Shard(1),
+    Replicate and plain tensors: the value and the gradients of the whole tensors,
+    one all_reduce for the whole list, none in the backward; add_penalty_grad_ too."""
+    from torch.distributed.tensor import Replicate, Shard
+    import regext
+    mesh = mesh_1d(world)
+    dtypes = [torch.float64, torch.float32, torch.float64, torch.float64, torch.float32,
+              torch.float64]
+    full = full_tensors(GROUP_SHAPES, dtypes, seed=21)
+    layouts = [[Shard(0)], [Shard(0)], [Shard(1)], [Replicate()], [Shard(1)], None]
+    for group in ("row", "column"):
+        for weight in (None, "sqrt_size"):
+            options = dict(group=group, group_weight=weight)
+            params = distribute(full, mesh, layouts)
+            with count_collectives() as log:
+                value = regext.fused_penalty(params, 0.3, 0.7, **options)
+            expect_one_all_reduce(log)
+            ref_value, ref_grads = group_reference(full, 0.3, 0.7, **options)
+            torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)
+            with count_collectives() as log:
+                grads = torch.autograd.grad(value, params)
+            expect_no_collective(log)
+            for i, (g, p, r) in enumerate(zip(grads, params, ref_grads)):
+                check_grad(i, g, p, r)
+            with count_collectives() as log:
+                added = regext.add_penalty_grad_(params, 0.3, 0.7, **options)
+            expect_one_all_reduce(log)
+            torch.testing.assert_close(added, ref_value, rtol=1e-6, atol=1e-7)
+            for i, (p, r) in enumerate(zip(params, ref_grads)):
+                check_grad(i, p.grad, p, r)
+
+
+@case()
+def case_group_lasso_prox_and_penalty_on_shards(rank, world):
+    """prox_group_l2_(group=...) with the whole groups' norms (a threshold that zeroes
+    some groups and shrinks others), Penalty with group='row' (value, prox_), against
+    the single-process operators on the full tensors."""
     from torch.distributed.tensor import Shard
     import regext
-    full = full_tensors([(4, 3), (3,)], [torch.float32] * 2, seed=9)
-    params = distribute(full, mesh_1d(world), [[Shard(0)]] * 2)
-    before = [p.to_local().clone() for p in params]
-    calls = [lambda: regext.fused_penalty(params, 0.0, 1.0, group="row"),
-             lambda: regext.add_penalty_grad_(params, 0.0, 1.0, group="column"),
-             lambda: regext.prox_group_l2_(params, 0.1, group="tensor", group_weight="sqrt_size"),
-             lambda: regext.Penalty([("w", params[0])], l2=1.0, group="row")]
-    for call in calls:
-        try:
-            call()
-        except NotImplementedError as e:
-            assert "DTensor" in str(e) and "group" in str(e), str(e)
-        else:
-            raise AssertionError("a group option on DTensors did not raise")
-    for p, b in zip(params, before):
-        assert torch.equal(p.to_local(), b) and p.grad is None
+    mesh = mesh_1d(world)
+    full = full_tensors([(6, 4), (5,), (3, 7)], [torch.float64] * 3, seed=22)
+    with torch.no_grad():
+        full[0][2].mul_(0.01)  # a row that the threshold zeroes
+        full[2][:, 3].mul_(0.01)  # a column too
+    for group in ("row", "column"):
+        for weight in (None, "sqrt_size"):
+            params = distribute(full, mesh, [[Shard(0)], [Shard(0)], [Shard(1)]],
+                                requires_grad=False)
+            want = [t.clone() for t in full]
+            regext.prox_group_l2_(want, 0.05, group=group, group_weight=weight)
+            with count_collectives() as log:
+                regext.prox_group_l2_(params, 0.05, group=group, group_weight=weight)
+            expect_one_all_reduce(log)
+            for i, (p, w) in enumerate(zip(params, want)):
+                torch.testing.assert_close(p.full_tensor(), w, rtol=1e-12, atol=1e-15,
+                                           msg=lambda m: f"{group} {weight} tensor {i}: {m}")
+                assert torch.equal(p.full_tensor() == 0, w == 0)
+    params = distribute(full, mesh, [[Shard(0)], [Shard(0)], [Shard(1)]])
+    pen = regext.Penalty([(f"p{i}", p) for i, p in enumerate(params)], l1=0.01, l2=0.2,
+                         group="row")
+    ref = regext.Penalty([(f"p{i}", t.clone().requires_grad_()) for i, t in enumerate(full)],
+                         l1=0.01, l2=0.2, group="row")
+    torch.testing.assert_close(pen().detach(), ref().detach(), rtol=1e-12, atol=1e-12)
+    pen.prox_(0.1)
+    ref.prox_(0.1)
+    for p, r in zip(params, ref.parameters()):
+        torch.testing.assert_close(p.full_tensor().detach(), r.detach(), rtol=1e-12, atol=1e-15)
 
 
 @case()

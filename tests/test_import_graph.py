@@ -1,8 +1,9 @@
 """The regext package is a layered DAG: imports point only downward.
 
     leaves    _dtensor, _engines, _validation, _groups, _grad, _meta, _batching, reference, _named,
-              no_decay, _nonfinite
-    adapters  penalty (autograd), distributed (all DTensor logic)
+              no_decay, _nonfinite, _metric
+    adapters  distributed (all DTensor logic), distributed_groups (the group lasso on
+              DTensors), penalty (autograd)
     features  grad, prox, sparsity, optim, selection
     package   __init__
 
@@ -18,8 +19,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
     ["_dtensor", "_engines", "_validation", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
-     "no_decay", "_nonfinite"],
-    ["distributed", "penalty"],
+     "no_decay", "_nonfinite", "_metric"],
+    ["distributed", "distributed_groups", "penalty"],
     ["grad", "prox", "sparsity", "optim", "selection"],
     ["__init__"],
 ]

@@ -153,7 +153,9 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
             is then ``sum_g w_g * ||g||_2`` over the groups, which drives whole rows or
             columns to zero. A tensor with fewer than 2 dims (a bias) is one group. The
             L1 term is unchanged. Not with ``l2_squared`` (squared group norms add up to
-            the tensor's) nor with DTensors (NotImplementedError).
+            the tensor's). On DTensors (FSDP2) the groups are those of the whole
+            tensors: exact, with one all_reduce of per-group sums
+            (regext.distributed_groups).
         group_weight: ``None`` (w_g = 1) or ``"sqrt_size"``: w_g = sqrt(number of
             elements of the group), the usual group-lasso scaling (torchao's
             ``ProxGroupLasso``); also applies with ``group="tensor"``.
@@ -178,7 +180,8 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
     Raises:
         ValueError: ``l1`` or ``l2`` is not a finite number >= 0; an unknown ``group`` or
             ``group_weight``, or either one with ``l2_squared=True``.
-        NotImplementedError: ``group`` or ``group_weight`` with DTensor parameters.
+        NotImplementedError: ``group`` or ``group_weight`` on DTensors with a
+            ``_StridedShard`` placement, or their second derivatives.
         TypeError: an element is not a tensor, or not a strided real floating-point
             tensor; the message names its position and dtype. A coefficient tensor that
             is not 0-dim floating point.

@@ -256,22 +256,51 @@ def plot(rows, path, env):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sets = sorted({r["set"] for r in rows})
-    fig, axes = plt.subplots(1, 2 * len(sets), figsize=(4.2 * 2 * len(sets), 3.6))
+    fig, axes = plt.subplots(1, 2 * len(sets), figsize=(4.2 * 2 * len(sets), 3.9))
     for k, (s, phase) in enumerate((s, p) for s in sets for p in ("prox", "fwd+bwd")):
         ax = axes[k]
         sel = [r for r in rows if r["set"] == s and r["phase"] == phase]
-        ax.barh([r["variant"] for r in sel], [r["median_ms"] for r in sel],
-                color=["#d62728" if r["variant"].startswith("regext") else "#7f7f7f" for r in sel])
         for i, r in enumerate(sel):
+            if r["variant"] in report.YARDSTICKS:  # the floor: grey, hatched, named so
+                ax.barh(i, r["median_ms"], **report.YARDSTICK_STYLE)
+            else:
+                ax.barh(i, r["median_ms"],
+                        color="#d62728" if r["variant"].startswith("regext") else "#6baed6")
             ax.text(r["median_ms"], i, f" {r['median_ms']:.1f}", va="center", fontsize=8)
+        ax.set_yticks(range(len(sel)))
+        ax.set_yticklabels([report.display_name(r["variant"]) for r in sel], fontsize=8)
         ax.set_title(f"{s}: {phase} (median ms)", fontsize=9)
         ax.set_xlim(0, 1.2 * max(r["median_ms"] for r in sel))
-    fig.suptitle(f"row-group lasso, {env['device_name']}, {env['threads']} threads, "
-                 f"CPU kernels {env['cpu_capability']}", fontsize=9)
+    fig.suptitle("row-group lasso | " + report.chart_caption(env) + "\n(yardstick) foreach_mul: "
+                 + report.YARDSTICKS["foreach_mul"], fontsize=8.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def write_outputs(out, result):
+    """structured.png and results.md of a run (results.json holds `result`)."""
+    env, rows, checks = result["env"], result["results"], result["checks"]
+    lines = [f"{k}: {v:.2f} {goal_text(k, v)}" for k, v in result["ratios"].items()]
+    chart = plot(rows, os.path.join(out, "structured.png"), env)
+    md = [f"# Row-group lasso: proximal step and penalty ({env['device_name']})", "",
+          f"- {env['threads']} torch threads, CPU kernels {env['cpu_capability']}, "
+          f"torch {env['torch']}, python {env['python']}",
+          f"- command: `{env['command']}`",
+          f"- date: {env['date']}, commit {env.get('git_commit')}",
+          f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
+          f"- lr {LR}, reg_lambda {REG_LAMBDA} (threshold lr * reg_lambda * sqrt(row size)); "
+          f"penalty l2 {L2}; float32", ""]
+    md += (["![structured.png](structured.png)", ""] if chart else [])
+    md += [report.format_table(rows, COLUMNS, markdown=True), ""]
+    md += ["(yardstick) `foreach_mul`: " + report.YARDSTICKS["foreach_mul"] + ".", ""]
+    md += ["Ratios of medians:", ""] + [f"- {line}" for line in lines] + [""]
+    md += ["Checks before timing (max relative error against float64; rows zeroed):", ""]
+    md += [f"- {k}: " + ", ".join(f"{kk} {vv:.2e}" for kk, vv in v.items())
+           for k, v in checks.items()]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
 
 
 def main(argv=None):
@@ -301,23 +330,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
-        chart = plot(rows, os.path.join(args.out, "structured.png"), env)
-        md = [f"# Row-group lasso: proximal step and penalty ({env['device_name']})", "",
-              f"- {env['threads']} torch threads, CPU kernels {env['cpu_capability']}, "
-              f"torch {env['torch']}, python {env['python']}",
-              f"- command: `{env['command']}`",
-              f"- date: {env['date']}, commit {env.get('git_commit')}",
-              f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
-              f"- lr {LR}, reg_lambda {REG_LAMBDA} (threshold lr * reg_lambda * sqrt(row size)); "
-              f"penalty l2 {L2}; float32", ""]
-        md += (["![structured.png](structured.png)", ""] if chart else [])
-        md += [report.format_table(rows, COLUMNS, markdown=True), ""]
-        md += ["Ratios of medians:", ""] + [f"- {line}" for line in lines] + [""]
-        md += ["Checks before timing (max relative error against float64; rows zeroed):", ""]
-        md += [f"- {k}: " + ", ".join(f"{kk} {vv:.2e}" for kk, vv in v.items())
-               for k, v in checks.items()]
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write("\n".join(md) + "\n")
+        write_outputs(args.out, result)
     return result
 
 

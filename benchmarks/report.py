@@ -23,6 +23,41 @@ PHASES = ("forward", "forward+backward")
 VARIANTS = ("loop", "foreach", "compiled", "regext", "regext_inplace", "foreach_norm2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Yardsticks: timed beside the variants but not ways of computing the penalty, so not
+# competitors. Charts draw them grey and hatched and label them so; tables mark them.
+YARDSTICKS = {
+    "foreach_norm2": "one torch._foreach_norm pass: reads every tensor once, not a penalty",
+    "foreach_mul": "floor: one read + one write of every weight, not a proximal step",
+    "foreach_add": "floor: torch._foreach_add_(grads, params), not a penalty",
+}
+YARDSTICK_STYLE = dict(color="#bdbdbd", hatch="///", edgecolor="#636363", linewidth=0.6)
+
+# Why "% of ceiling" can pass 100 (written under every table that shows it).
+CEILING_NOTE = (
+    "% ceiling: GB/s (the bytes the operation must move, over its median time) as a "
+    "percentage of a large dst.copy_(src) timed in the same run, whose bytes are counted "
+    "as read + write. On a CPU the copy also reads every destination line before writing "
+    "it (write-allocate), traffic the count leaves out, so a pass that writes only lines "
+    "it has just read (regext_inplace reads and writes each .grad in place) can pass "
+    "100%, up to about 150%: it is not faster than memory, the copy is slower per "
+    "counted byte.")
+
+
+def display_name(variant):
+    """A variant's name as tables and legends show it: yardsticks say so."""
+    return f"{variant} (yardstick)" if variant in YARDSTICKS else variant
+
+
+def chart_caption(env):
+    """What every chart carries: the machine, CPU kernels, threads, torch, commit, date."""
+    device = env["device_name"]
+    if env.get("device") == "cuda":
+        device += f", CUDA {env.get('cuda')}"
+    capability = env.get("cpu_capability") or "not recorded (run predates the variants)"
+    date = str(env.get("date", ""))[:10]
+    return (f"{device} | {env.get('threads')} threads | CPU kernels: {capability} | "
+            f"torch {env['torch']} | commit {env.get('git_commit') or '?'} | {date}")
+
 
 class Progress:
     """A tqdm bar on stderr, or plain numbered lines when tqdm is missing."""
@@ -63,6 +98,8 @@ def format_table(rows, columns, markdown=False):
         cells = []
         for _, key, fmt in columns:
             value = row.get(key)
+            if key == "variant" and value is not None:
+                value = display_name(value)
             cells.append("-" if value is None else fmt.format(value))
         body.append(cells)
     if markdown:
@@ -100,7 +137,7 @@ def _colors():
     return {v: cycle[i % len(cycle)] for i, v in enumerate(VARIANTS)}  # same color everywhere
 
 
-def plot_speedups(rows, path):
+def plot_speedups(rows, path, env):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,7 +157,10 @@ def plot_speedups(rows, path):
                 if row and row.get("speedup_vs_loop"):
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ys.append(row["speedup_vs_loop"])
-            ax.bar(xs, ys, width, color=colors[variant])
+            if variant in YARDSTICKS:
+                ax.bar(xs, ys, width, **YARDSTICK_STYLE)
+            else:
+                ax.bar(xs, ys, width, color=colors[variant])
             values += ys
             for x, y in zip(xs, ys):
                 ax.annotate(f"{y:.1f}" if y < 10 else f"{y:.0f}", (x, y), ha="center",
@@ -135,9 +175,12 @@ def plot_speedups(rows, path):
         axes[0].set_ylim(min(0.8, min(values) / 1.5), max(values) * 1.8)
     axes[0].set_ylabel("speed-up over the loop (x, log scale)")
     from matplotlib.patches import Patch
-    fig.legend(handles=[Patch(color=colors[v], label=v) for v in variants], loc="upper center",
-               ncol=len(variants), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    handles = [Patch(**YARDSTICK_STYLE, label=f"{v} (yardstick: {YARDSTICKS[v]})")
+               if v in YARDSTICKS else Patch(color=colors[v], label=v) for v in variants]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 3), fontsize=8.5,
+               frameon=False, bbox_to_anchor=(0.5, 0.955))
+    fig.suptitle(chart_caption(env), fontsize=9, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.89))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -159,7 +202,10 @@ def plot_scaling(rows, path, env):
             for variant in VARIANTS:
                 pts = sorted((row[xkey], row["median_ms"]) for row in sub
                              if row["variant"] == variant and row["phase"] == phase)
-                if pts:
+                if pts and variant in YARDSTICKS:
+                    ax.plot(*zip(*pts), marker="x", linestyle="--", color="#969696",
+                            label=display_name(variant))
+                elif pts:
                     ax.plot(*zip(*pts), marker="o", label=variant, color=colors[variant])
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -168,8 +214,7 @@ def plot_scaling(rows, path, env):
             ax.set_title(f"{phase}: time vs {xlabel}, {fixed}", fontsize=10)
             ax.grid(which="both", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}",
-                 fontsize=10)
+    fig.suptitle(chart_caption(env), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -221,7 +266,7 @@ def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
     lines = [f"# regext benchmark: {env['device']}", "",
              f"- machine: {env['device_name']}, {env['threads']} torch threads, "
              f"{env.get('affinity_cpus', env['cpu_count'])} CPUs usable, CPU kernels "
-             f"{env['cpu_capability']}",
+             f"{env.get('cpu_capability') or 'not recorded'}",
              f"- torch {env['torch']}, python {env['python']}"
              + (f", CUDA {env['cuda']}" if env['device'] == 'cuda' else ""),
              f"- command: `{env['command']}`",
@@ -232,6 +277,11 @@ def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
              f"- float32, l1={env['l1']}, l2={env['l2']}; {env['bytes_model']}", ""]
     lines += [f"![{p}]({p})" for p in pngs] + [""]
     lines += [format_table(rows, RESULT_COLUMNS, markdown=True), ""]
+    if any(r["variant"] in YARDSTICKS for r in rows):
+        lines += ["(yardstick): " + "; ".join(f"`{v}` is {YARDSTICKS[v]}" for v in sorted(
+            {r["variant"] for r in rows if r["variant"] in YARDSTICKS})) + ".", ""]
+    if rows:
+        lines += [CEILING_NOTE, ""]
     if env.get("compile_ms"):
         lines += ["torch.compile time (first forward + first backward, excluded above): "
                   + ", ".join(f"{k} {v / 1e3:.1f} s" for k, v in env["compile_ms"].items()),
@@ -244,7 +294,7 @@ def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
         lines += ["## Scaling", "", format_table(scaling, SWEEP_COLUMNS, markdown=True), ""]
     if bandwidth:
         lines += ["## Per-thread bandwidth", "",
-                  f"One thread, one float32 tensor, CPU kernels {env['cpu_capability']}; "
+                  f"One thread, one float32 tensor, CPU kernels {env.get('cpu_capability')}; "
                   "regext / torch is regext's GB/s over the torch op moving the same bytes "
                   "(benchmarks/bandwidth.py).", "",
                   format_table(bandwidth, BANDWIDTH_COLUMNS, markdown=True), ""]
@@ -253,8 +303,6 @@ def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
                      f"({fail['kind']}): {fail.get('error', 'value/gradient check')}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
 
 
 def write_all(out, payload):
@@ -270,7 +318,7 @@ def write_all(out, payload):
               file=sys.stderr)
     else:
         if rows:
-            plot_speedups(rows, os.path.join(out, "speedup.png"))
+            plot_speedups(rows, os.path.join(out, "speedup.png"), env)
             pngs.append("speedup.png")
         if scaling:
             plot_scaling(scaling, os.path.join(out, "scaling.png"), env)
@@ -279,6 +327,10 @@ def write_all(out, payload):
     print(f"\n{header_line(env)}")
     if rows:
         print(format_table(rows, RESULT_COLUMNS))
+        if any(r["variant"] in YARDSTICKS for r in rows):
+            print("(yardstick) foreach_norm2: " + YARDSTICKS["foreach_norm2"])
+        if any(r.get("pct_of_ceiling", 0) > 100 for r in rows):
+            print(CEILING_NOTE)
     if scaling:
         print("\nScaling (fixed total size: count sweep; fixed count: size sweep)")
         print(format_table(scaling, SWEEP_COLUMNS))
@@ -299,6 +351,31 @@ def header_line(env):
     """Machine, threads, CPU capability, torch, ceiling and load in one line."""
     ceiling = max(env["ceiling"].values(), key=lambda c: c["gbps"])
     return (f"{env['device_name']} | {env['threads']} threads | CPU kernels: "
-            f"{env['cpu_capability']} | torch {env['torch']} | ceiling {ceiling['gbps']:.1f} "
+            f"{env.get('cpu_capability') or 'not recorded'} | torch {env['torch']} | ceiling {ceiling['gbps']:.1f} "
             f"GB/s (copy of {ceiling['buffer_bytes'] >> 20} MB) | load {env['loadavg_start']} "
             f"-> {env['loadavg_end']}")
+
+
+def rerender(folder):
+    """Charts and results.md of a finished run again, from its results.json (after a
+    change to how they are drawn); the measurements are not touched."""
+    import json
+    with open(os.path.join(folder, "results.json")) as f:
+        payload = json.load(f)
+    if "scaling" in payload:  # bench_penalty.py
+        payload.setdefault("bandwidth", [])
+        write_all(folder, payload)
+    elif "ratios" in payload:  # bench_structured.py
+        import bench_structured
+        bench_structured.write_outputs(folder, payload)
+    else:
+        raise SystemExit(f"{folder}/results.json: not a bench_penalty or bench_structured run")
+
+
+if __name__ == "__main__":
+    # python benchmarks/report.py DIR [DIR ...]: re-render committed runs' charts and tables
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python benchmarks/report.py RESULTS_DIR [RESULTS_DIR ...]")
+    for folder in sys.argv[1:]:
+        rerender(folder)

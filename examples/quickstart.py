@@ -5,6 +5,7 @@ and gradients agree, and times forward+backward of each (median of repeats).
     python examples/quickstart.py
 """
 
+import platform
 import statistics
 import time
 
@@ -46,7 +47,28 @@ def main():
     t_fused = median_ms(lambda: regext.fused_penalty(params, l1, l2).backward(), params)
     t_loop = median_ms(lambda: penalty_loop(params, l1, l2).backward(), params)
     print(f"forward+backward: loop {t_loop:.2f} ms, regext {t_fused:.2f} ms "
-          f"-> {t_loop / t_fused:.1f}x faster ({torch.get_num_threads()} threads)")
+          f"(medians of 30) -> regext is {speed_verdict(t_loop, t_fused)} than the loop")
+    print(f"on {cpu_name()}, {torch.get_num_threads()} threads, "
+          f"CPU kernels {regext.cpu_capability()}, torch {torch.__version__}")
+
+
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def speed_verdict(t_loop, t_fused):
+    """'N.NNx faster' or 'N.NNx slower', as measured (never 'faster' for a slowdown)."""
+    if t_fused <= t_loop:
+        return f"{t_loop / t_fused:.2f}x faster"
+    return f"{t_fused / t_loop:.2f}x slower"
 
 
 if __name__ == "__main__":

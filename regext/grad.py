@@ -10,11 +10,11 @@ import enum
 import torch
 
 from regext import distributed, distributed_groups
-from regext import _groups, _nonfinite
+from regext import _fastpath, _groups, _nonfinite
 from regext._dtensor import has_dtensor
 from regext._groups import PER_TENSOR
 from regext._validation import (check_no_self_overlap, coefficient, indices_by_device, label,
-                                materialize_params)
+                                materialize_params, materialize_params_and_device)
 
 
 def _bad_grad(func, i, p, g, names):
@@ -135,6 +135,11 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor
         RuntimeError: with ``error_if_nonfinite=True``, a NaN or infinite penalty.
         All are raised before any gradient is touched.
     """
+    if (group == "tensor" and group_weight is None and not error_if_nonfinite
+            and _fastpath.open_now()):
+        total, params = _fast_add(params, l1, l2, bool(l2_squared))
+        if total is not None:
+            return total
     func = "add_penalty_grad_"
     l1 = coefficient(func, "l1", l1)
     l2 = coefficient(func, "l2", l2)
@@ -142,6 +147,23 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor
     params = materialize_params(func, params)
     return add_penalty_grad_checked(func, params, l1, l2, bool(l2_squared),
                                     error_if_nonfinite=error_if_nonfinite, grouping=grouping)
+
+
+def _fast_add(params, l1, l2, l2_squared):
+    """add_penalty_grad_'s usual step (every .grad present) in one operator call,
+    without the per-gradient planning (regext._fastpath): (the value, or None for the
+    general path; what `params` yielded)."""
+    l1t, l2t = _fastpath.number_coefficient(l1), _fastpath.number_coefficient(l2)
+    if l1t is None or l2t is None:
+        return None, params
+    # The checks of the general path, with its messages, before any operator runs.
+    ps, same_device = materialize_params_and_device("add_penalty_grad_", params)
+    if not ps or not same_device:
+        return None, ps
+    grads = _fastpath.existing_grads(ps)
+    if grads is None:
+        return None, ps
+    return _fastpath.accumulate_penalty_grad(ps, grads, l1t, l2t, l2_squared), ps
 
 
 def add_penalty_grad_checked(func, params, l1, l2, l2_squared, *, names=None,

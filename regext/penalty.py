@@ -3,7 +3,7 @@
 import torch
 
 from regext import _batching  # noqa: F401  (vmap rules of the operators)
-from regext import _groups, _nonfinite, distributed, distributed_groups
+from regext import _fastpath, _groups, _nonfinite, distributed, distributed_groups
 from regext._dtensor import functorch_error, has_dtensor
 from regext._groups import PER_TENSOR
 from regext._grad import (backward_grads, coefficient_grads, functorch_or_forward_ad,
@@ -187,6 +187,11 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
             is not 0-dim floating point.
         RuntimeError: with ``error_if_nonfinite=True``, a NaN or infinite penalty.
     """
+    if (group == "tensor" and group_weight is None and not error_if_nonfinite
+            and _fastpath.open_now()):
+        fast, params = _fast_penalty(params, l1, l2, bool(l2_squared))
+        if fast is not None:
+            return fast
     func = "fused_penalty"
     l1 = coefficient(func, "l1", l1)
     l2 = coefficient(func, "l2", l2)
@@ -199,6 +204,33 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
     if error_if_nonfinite:
         total = _nonfinite.checked_total(func, total, params, l1, l2, l2_squared)
     return total
+
+
+def _fast_penalty(params, l1, l2, l2_squared):
+    """fused_penalty's common case without Python per-tensor work (regext._fastpath):
+    (the penalty, or None for the general path; what `params` yielded, for it)."""
+    l1t, l2t = _fastpath.number_coefficient(l1), _fastpath.number_coefficient(l2)
+    if l1t is None or l2t is None:
+        return None, params
+    # The checks of the general path, with its messages, before any operator runs.
+    ps, same_device = materialize_params_and_device("fused_penalty", params)
+    if not ps or not same_device:
+        return None, ps
+    return penalty_fast(ps, l1t, l2t, l2_squared), ps
+
+
+def penalty_fast(params, l1, l2, l2_squared):
+    """The per-tensor penalty of a non-empty list with coefficient tensors, handed
+    straight to the operator (regext._fastpath; only where open_now()): the value,
+    or None if the operator refused the list (the general path then checks it,
+    names the problem, or computes it)."""
+    try:
+        if torch.is_grad_enabled():
+            return _fastpath.apply_function(_FusedPenalty, (l1, l2, l2_squared, PER_TENSOR),
+                                            params)
+        return _fastpath.FORWARD(params, l1, l2, l2_squared)[0]
+    except _fastpath.REFUSED:
+        return None
 
 
 def penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping=PER_TENSOR, *,

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from regext import _groups, no_decay
+from regext import _fastpath, _groups, no_decay
 from regext._dtensor import has_dtensor
 from regext._engines import check_whole, distributed_active
 from regext._named import named_tensors
@@ -19,7 +19,7 @@ from regext._nonfinite import checked_total
 from regext._validation import (SUPPORTED_DTYPES, check_coefficient, check_writable,
                                 coefficient, materialize_params)
 from regext.grad import add_penalty_grad_checked
-from regext.penalty import penalty_of_checked
+from regext.penalty import penalty_fast, penalty_of_checked
 from regext.prox import prox_group_l2_checked, prox_l1_checked, prox_l2_squared_checked
 
 _OVERRIDE_KEYS = ("l1", "l2", "l2_squared", "group", "group_weight")
@@ -466,6 +466,9 @@ class Penalty:
     def __call__(self):
         """The penalty over the selected parameters that require grad, differentiable
         (a 0-dim tensor)."""
+        fast = self._fast_total()
+        if fast is not None:
+            return fast
         total = None
         for group, params, names, same_device, l1, l2 in self._calls("Penalty"):
             value = penalty_of_checked(params, l1, l2, group.l2_squared, same_device,
@@ -483,6 +486,9 @@ class Penalty:
         gradients that are still scaled by an AMP loss scale (:meth:`attach` passes a
         fused optimizer's ``grad_scale``).
         """
+        fast = self._fast_add_grad(scale)
+        if fast is not None:
+            return fast
         func = "Penalty.add_grad_"
         total = None
         for group, params, names, _, l1, l2 in self._calls(func):
@@ -493,6 +499,58 @@ class Penalty:
                                              grouping=group.grouping)
             total = value if total is None else total + value.to(total.device)
         return torch.zeros(()) if total is None else total
+
+    # -- the per-call fast path (regext._fastpath) ----------------------------------
+
+    def _fast_calls(self):
+        """[(group, its parameters that require grad, l1, l2)] for the groups with any,
+        when every group can take the fast path (per-tensor penalty, no DTensors, no
+        error_if_nonfinite, open_now()); else None. No per-parameter checks here: the
+        operators make them, and the general path runs if they refuse."""
+        if self.error_if_nonfinite or not _fastpath.open_now():
+            return None
+        calls = []
+        for i, (group, sharded) in enumerate(zip(self._groups, self._sharded)):
+            if sharded or not group.grouping.per_tensor:
+                return None
+            params = [p for p in group.params if p.requires_grad]
+            if params:
+                calls.append((group, params, self._fast_coefficient("l1", group, i),
+                              self._fast_coefficient("l2", group, i)))
+        return calls
+
+    def _fast_coefficient(self, name, group, index):
+        spec, slot = group._spec_and_slot(name, index)
+        cached = _fastpath.number_coefficient(spec)
+        return cached if cached is not None else self._coefficient(name, spec, slot)
+
+    def _fast_total(self):
+        """pen()'s value on the fast path, or None for the general path."""
+        calls = self._fast_calls()
+        if calls is None:
+            return None
+        total = None
+        for group, params, l1, l2 in calls:
+            value = penalty_fast(params, l1, l2, group.l2_squared)
+            if value is None:
+                return None  # refused: the general path checks and names the problem
+            total = value if total is None else total + value.to(total.device)
+        return torch.zeros(()) if total is None else total
+
+    def _fast_add_grad(self, scale):
+        """add_grad_ on the fast path when one group has parameters and all of them
+        have a .grad (the usual step); None for the general path. One operator call:
+        it checks every tensor before writing any, so nothing is half-written."""
+        calls = self._fast_calls()
+        if calls is None or len(calls) != 1:
+            return None
+        group, params, l1, l2 = calls[0]
+        grads = _fastpath.existing_grads(params)
+        if grads is None:
+            return None
+        if scale is not None:
+            l1, l2 = l1 * scale, l2 * scale
+        return _fastpath.accumulate_penalty_grad(params, grads, l1, l2, group.l2_squared)
 
     def prox_(self, lr, *, only=None):
         """The proximal step of ``lr ×`` this penalty, in place, per group:

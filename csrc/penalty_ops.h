@@ -161,7 +161,7 @@ inline bool can_update_while_reading(at::TensorList grads, const std::vector<at:
   }
   std::vector<at::Tensor> all(grads.begin(), grads.end());
   all.insert(all.end(), dense.begin(), dense.end());
-  return alias_free_runs(all).size() == 2;
+  return no_tensors_overlap(all);  // one sort, not the run split: only "any?" matters
 }
 
 template <typename Backend>

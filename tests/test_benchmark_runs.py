@@ -210,3 +210,26 @@ def test_structured_benchmark_runs(tmp_path):
     zeroed = [c["rows_zeroed"] for k, c in data["checks"].items() if k.endswith("prox/regext")]
     assert all(0 < z < 1 for z in zeroed)  # the step zeroes some groups, not all
     assert (tmp_path / "results.md").stat().st_size > 0
+
+
+def test_aliasing_benchmark_runs(tmp_path):
+    """benchmarks/bench_aliasing.py --quick (2,000 tensors, 3 rounds): every list's
+    result checked against the reference loop, every variant timed, the dup/no_dup
+    ratios reported (not asserted: no speed is)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_aliasing.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["failures"] == [] and data["env"]["tensors"] == 2000
+    ops = ("prox_l1_", "add_penalty_grad_")
+    assert set(data["median_ms"]) == {f"{op} {name}" for op in ops
+                                      for name in ("no_dup", "dup_end", "dup_mid")} | {
+        "prox torch_loop no_dup", "grad torch_loop no_dup"}
+    assert all(ms > 0 for ms in data["median_ms"].values())
+    assert set(data["ratio_to_no_dup"]) == {f"{op} {name}" for op in ops
+                                            for name in ("dup_end", "dup_mid")}
+    assert "checks against the reference loop: passed" in proc.stdout
+    assert "/ no_dup = " in proc.stdout

@@ -19,6 +19,7 @@ import math
 import torch
 
 from regext._engines import distributed_active
+from regext._validation import materialize_params_and_device
 
 # Errors the operators (or the dispatcher parsing a list) raise for input the
 # general path must look at.
@@ -45,6 +46,20 @@ def number_coefficient(value):
             _COEFFICIENTS.clear()
         cached = _COEFFICIENTS[value] = torch.scalar_tensor(float(value), dtype=torch.float64)
     return cached
+
+
+def checked_list_and_coefficients(func, params, l1, l2):
+    """(checked list, l1, l2 tensors) for the fast path, or (what `params` yielded,
+    None, None) when the general path must run: a coefficient it must judge, an
+    empty list, tensors on several devices. The list is checked with the general
+    path's checks and messages (regext._validation), before any operator runs."""
+    l1t, l2t = number_coefficient(l1), number_coefficient(l2)
+    if l1t is None or l2t is None:
+        return params, None, None
+    ps, same_device = materialize_params_and_device(func, params)
+    if not ps or not same_device:
+        return ps, None, None
+    return ps, l1t, l2t
 
 
 def open_now():

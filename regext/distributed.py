@@ -67,6 +67,7 @@ __all__ = [
     "scale_dtensor_",
     "zero_counts_dtensor",
     "as_param_grad",
+    "distinct_runs",
     "make_plan",
     "reduce_rows",
     "unpermute_rows",
@@ -427,7 +428,7 @@ def _by_device(tensors):
     return list(groups.values())
 
 
-def _distinct_runs(params):
+def distinct_runs(params):
     """[start, end) runs of the list in which no tensor object repeats."""
     runs, start, seen = [], 0, set()
     for i, p in enumerate(params):
@@ -445,7 +446,7 @@ def prox_group_l2_dtensor_(params, threshold, *, func="prox_group_l2_", names=No
     whole tensors (global_stats: one all_reduce if any is sharded), the scaling is
     applied to each rank's local shard. List order as in the operator: a tensor
     listed again starts a new run, which sees the first shrinkage."""
-    for start, end in _distinct_runs(params):
+    for start, end in distinct_runs(params):
         local, stats = global_stats(params[start:end], func=func,
                                     names=None if names is None else names[start:end])
         scales = group_shrink_scale_reference(stats[:, 1], threshold)

@@ -37,7 +37,7 @@ from regext import _groups
 from regext._dtensor import dtensor_type, functorch_error, local_of
 from regext._meta import result_dtype
 from regext._validation import coefficient, label
-from regext.distributed import as_param_grad, make_plan
+from regext.distributed import as_param_grad, distinct_runs, make_plan
 from regext.reference import group_shrink_scale_reference
 
 
@@ -231,14 +231,7 @@ def prox_group_lasso_dtensor_(params, threshold, grouping, *, func="prox_group_l
     piece of a group is scaled by the whole group's factor ``max(0, 1 - t·w_g/‖g‖₂)``
     (1 where the norm is NaN). A tensor listed again starts a new pass, which sees
     the first shrinkage (the operator's list order)."""
-    runs, start, seen = [], 0, set()
-    for i, p in enumerate(params):
-        if id(p) in seen:
-            runs.append((start, i))
-            start, seen = i, set()
-        seen.add(id(p))
-    runs.append((start, len(params)))
-    for start, end in runs:
+    for start, end in distinct_runs(params):
         part = params[start:end]
         gp = GroupPlan(func, part, grouping, None if names is None else names[start:end])
         _, local_rows = gp.global_stats()

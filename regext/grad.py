@@ -14,7 +14,7 @@ from regext import _fastpath, _groups, _nonfinite
 from regext._dtensor import has_dtensor
 from regext._groups import PER_TENSOR
 from regext._validation import (check_no_self_overlap, coefficient, indices_by_device, label,
-                                materialize_params, materialize_params_and_device)
+                                materialize_params)
 
 
 def _bad_grad(func, i, p, g, names):
@@ -153,12 +153,8 @@ def _fast_add(params, l1, l2, l2_squared):
     """add_penalty_grad_'s usual step (every .grad present) in one operator call,
     without the per-gradient planning (regext._fastpath): (the value, or None for the
     general path; what `params` yielded)."""
-    l1t, l2t = _fastpath.number_coefficient(l1), _fastpath.number_coefficient(l2)
-    if l1t is None or l2t is None:
-        return None, params
-    # The checks of the general path, with its messages, before any operator runs.
-    ps, same_device = materialize_params_and_device("add_penalty_grad_", params)
-    if not ps or not same_device:
+    ps, l1t, l2t = _fastpath.checked_list_and_coefficients("add_penalty_grad_", params, l1, l2)
+    if l1t is None:
         return None, ps
     grads = _fastpath.existing_grads(ps)
     if grads is None:

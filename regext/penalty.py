@@ -209,12 +209,8 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
 def _fast_penalty(params, l1, l2, l2_squared):
     """fused_penalty's common case without Python per-tensor work (regext._fastpath):
     (the penalty, or None for the general path; what `params` yielded, for it)."""
-    l1t, l2t = _fastpath.number_coefficient(l1), _fastpath.number_coefficient(l2)
-    if l1t is None or l2t is None:
-        return None, params
-    # The checks of the general path, with its messages, before any operator runs.
-    ps, same_device = materialize_params_and_device("fused_penalty", params)
-    if not ps or not same_device:
+    ps, l1t, l2t = _fastpath.checked_list_and_coefficients("fused_penalty", params, l1, l2)
+    if l1t is None:
         return None, ps
     return penalty_fast(ps, l1t, l2t, l2_squared), ps
 

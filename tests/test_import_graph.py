@@ -1,6 +1,6 @@
 """The regext package is a layered DAG: imports point only downward.
 
-    leaves    _dtensor, _engines, _fastpath, _validation, _groups, _grad, _meta, _batching, reference, _named,
+    leaves    _dtensor, _engines, _validation, _fastpath, _groups, _grad, _meta, _batching, reference, _named,
               no_decay, _nonfinite, _metric
     adapters  distributed (all DTensor logic), distributed_groups (the group lasso on
               DTensors), penalty (autograd)
@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
-    ["_dtensor", "_engines", "_fastpath", "_validation", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
+    ["_dtensor", "_engines", "_validation", "_fastpath", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
      "no_decay", "_nonfinite", "_metric"],
     ["distributed", "distributed_groups", "penalty"],
     ["grad", "prox", "sparsity", "optim", "selection"],

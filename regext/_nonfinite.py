@@ -4,7 +4,7 @@ Eager code reads the total on the host (one synchronization with a GPU) and rais
 before anything else happens. Compiled code cannot branch on a tensor's value
 (Dynamo calls that a data-dependent expression and refuses it under
 ``fullgraph=True``), so there the same check is an operator of the graph,
-``regext::check_finite_penalty``: it raises the same RuntimeError when the compiled
+``regext_py::check_finite_penalty``: it raises the same RuntimeError when the compiled
 step runs, and returns a zero that the caller adds to what must come after the
 check (the total, or the coefficients of the gradients it is about to write), so
 the graph can neither drop it nor move it later.
@@ -42,7 +42,10 @@ def raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names=None):
         f"{total.dtype} (l1={float(l1)}, l2={float(l2)})")
 
 
-@torch.library.custom_op("regext::check_finite_penalty", mutates_args=())
+# In its own namespace: ``regext::`` holds the C++ kernels, each with CPU, CUDA and
+# Meta kernels and an entry in tests/op_samples.py (tests/test_op_registry.py); this
+# one is Python, device-agnostic, and only checks.
+@torch.library.custom_op("regext_py::check_finite_penalty", mutates_args=())
 def _check_finite_penalty(total: torch.Tensor, params: List[torch.Tensor], l1: torch.Tensor,
                           l2: torch.Tensor, l2_squared: bool, func: str,
                           names: str) -> torch.Tensor:
@@ -65,7 +68,7 @@ def check_in_graph(func, total, params, l1, l2, l2_squared, names=None):
     if not torch.compiler.is_compiling():
         raise_if_nonfinite(func, total, params, l1, l2, l2_squared, names)
         return None
-    return torch.ops.regext.check_finite_penalty(
+    return torch.ops.regext_py.check_finite_penalty(
         total.detach(), [local_of(p).detach() for p in params], l1.detach(), l2.detach(),
         bool(l2_squared), func, "\n".join(names) if names is not None else "")
 

@@ -164,7 +164,7 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
             ``torch.nn.utils.clip_grad_norm_`` does). This reads the value on the host:
             one synchronization with the GPU per call (not CUDA-graph capturable). Off
             by default. Under ``torch.compile`` (``fullgraph=True`` too) the check is an
-            operator of the graph (``regext::check_finite_penalty``) and raises the same
+            operator of the graph (``regext_py::check_finite_penalty``) and raises the same
             error when the compiled step runs.
 
     Returns:

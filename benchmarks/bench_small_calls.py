@@ -14,7 +14,6 @@ medians are per call.
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
@@ -23,16 +22,7 @@ import torch
 from torch import nn
 
 import regext
-
-
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+import timing
 
 
 def seed_loop(model, l1, l2):
@@ -159,7 +149,7 @@ def main():
     torch.set_num_threads(1)
     rounds, calls = (5, 20) if args.quick else (21, 200)
     results = measure(rounds, calls)
-    header = (f"{cpu_name()} | regext CPU capability {regext.cpu_capability()} | torch "
+    header = (f"{timing.cpu_model_name()} | regext CPU capability {regext.cpu_capability()} | torch "
               f"{torch.__version__} | 1 thread | {rounds} interleaved rounds of {calls} calls")
     print(header)
     print(report(results))

@@ -59,6 +59,14 @@ struct GroupGradRequest {
 //   prox_group_l2(dense, stats, threshold)
 //                                   dense[t] *= group_shrink_scale(stats[t][1], threshold);
 //                                   a factor of exactly 1 leaves the tensor untouched
+//   prox_metric(dense, moments, means, coefs)
+//                                   dense[t][i] = metric_prox(dense[t][i], d, row t of
+//                                   coefs) with d = metric_denominator(moments[t][i],
+//                                   means[t][i]) (penalty_math.h; `means` empty: none).
+//                                   moments[t] and means[t] have dense[t]'s strides;
+//                                   `coefs`: float64 [n, kMetricColumns] on the tensors'
+//                                   device; a row whose steps are both 0 leaves
+//                                   dense[t] untouched
 //   count_zeros(dense, counts)      counts[t] = elements of dense[t] equal to +-0
 //                                   (`counts`: int64 [n] on the tensors' device)
 // and, for the group lasso (csrc/groups.h: `layouts[t]` describes dense[t]),
@@ -92,6 +100,8 @@ struct CpuBackend {
   static void prox_l1(at::ArrayRef<at::Tensor> dense, const at::Tensor& threshold);
   static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
                             const at::Tensor& threshold);
+  static void prox_metric(at::ArrayRef<at::Tensor> dense, at::ArrayRef<at::Tensor> moments,
+                          at::ArrayRef<at::Tensor> means, const at::Tensor& coefs);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
   static void group_stats_and_total(at::ArrayRef<at::Tensor> dense,
                                     at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,
@@ -112,6 +122,8 @@ struct CudaBackend {
   static void prox_l1(at::ArrayRef<at::Tensor> dense, const at::Tensor& threshold);
   static void prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor& stats,
                             const at::Tensor& threshold);
+  static void prox_metric(at::ArrayRef<at::Tensor> dense, at::ArrayRef<at::Tensor> moments,
+                          at::ArrayRef<at::Tensor> means, const at::Tensor& coefs);
   static void count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts);
   static void group_stats_and_total(at::ArrayRef<at::Tensor> dense,
                                     at::ArrayRef<GroupLayout> layouts, const at::Tensor& stats,

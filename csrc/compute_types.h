@@ -25,4 +25,15 @@ template <typename T> struct ScaleCompute { using type = double; };
 template <> struct ScaleCompute<c10::Half> { using type = float; };
 template <> struct ScaleCompute<c10::BFloat16> { using type = float; };
 
+// A float64 result rounded once to T: through float32 for the half types, as c10's
+// conversions go (the same rounding on the host and the device).
+template <typename T>
+C10_HOST_DEVICE inline T from_double(double y) {
+  return static_cast<T>(static_cast<float>(y));
+}
+template <>
+C10_HOST_DEVICE inline double from_double<double>(double y) {
+  return y;
+}
+
 }  // namespace regext

@@ -1,5 +1,5 @@
 // How the in-place operators (penalty_grad_accumulate_,
-// penalty_forward_accumulate_, prox_l1_, prox_group_l2_) meet autograd.
+// penalty_forward_accumulate_, the prox_* steps) meet autograd.
 //
 // Operators declared with TORCH_LIBRARY get dispatcher fallthroughs for the
 // autograd keys: an in-place call would neither bump the version counter of
@@ -69,7 +69,8 @@ void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 constexpr const char* kInplaceOps[] = {
     "penalty_grad_accumulate_", "penalty_forward_accumulate_",    "prox_l1_",
-    "prox_group_l2_",           "group_penalty_grad_accumulate_", "prox_group_lasso_"};
+    "prox_group_l2_",           "group_penalty_grad_accumulate_", "prox_group_lasso_",
+    "prox_metric_"};
 
 }  // namespace
 

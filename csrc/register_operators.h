@@ -18,6 +18,7 @@ void register_operators(torch::Library& m) {
   m.impl("penalty_forward_accumulate_", &penalty_forward_accumulate_<Backend>);
   m.impl("prox_l1_", &prox_l1_<Backend>);
   m.impl("prox_group_l2_", &prox_group_l2_<Backend>);
+  m.impl("prox_metric_", &prox_metric_<Backend>);
   m.impl("count_zeros", &count_zeros<Backend>);
   m.impl("group_penalty_forward", &group_penalty_forward<Backend>);
   m.impl("group_penalty_backward", &group_penalty_backward<Backend>);

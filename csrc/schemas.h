@@ -46,6 +46,14 @@ inline void define_operators(torch::Library& m) {
   m.def("prox_l1_(Tensor(a!)[] params, Tensor threshold) -> ()");
   // Per-tensor group shrinkage in place, in list order (regext.prox_group_l2_).
   m.def("prox_group_l2_(Tensor(a!)[] params, Tensor threshold) -> ()");
+  // The proximal step of L1 (and squared L2) in an optimizer's diagonal metric, in
+  // place, in list order: moments[t] (and means[t], centered RMSprop; empty: none) is
+  // the state params[t] is divided by, coefs a float64 [len(params), 4] table on the
+  // params' device, one (l1_step, ridge_step, scale, eps) row per tensor
+  // (csrc/penalty_math.h, MetricCoefs; regext.prox_l1_ with metric=).
+  m.def(
+      "prox_metric_(Tensor(a!)[] params, Tensor[] moments, Tensor[] means, Tensor coefs)"
+      " -> ()");
   // int64 [len(params)]: elements equal to +0 or -0 per tensor (regext.sparsity_report).
   m.def("count_zeros(Tensor[] params) -> Tensor");
 

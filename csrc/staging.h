@@ -30,6 +30,20 @@ inline c10::ScalarType result_dtype(at::TensorList tensors) {
   return c10::kFloat;
 }
 
+// Tensors read beside an in-place update (an optimizer's state), each laid out
+// exactly as dense[t], so that element i of one is element i of the other: the
+// tensor itself when it already is, else a copy in dense[t]'s layout.
+inline std::vector<at::Tensor> laid_out_like(at::TensorList tensors,
+                                             const std::vector<at::Tensor>& dense) {
+  std::vector<at::Tensor> out(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const bool same = tensors[t].is_non_overlapping_and_dense() &&
+                      tensors[t].strides() == dense[t].strides();
+    out[t] = same ? tensors[t] : at::empty_like(dense[t]).copy_(tensors[t]);
+  }
+  return out;
+}
+
 // Where each gradient update is computed: the gradient itself when it shares
 // its parameter's dense layout (updated in place), else a zero buffer with the
 // parameter's layout that is added to the gradient afterwards.

@@ -59,6 +59,18 @@ def _prox_group_l2_fake(params, threshold):
     _device_of(params, threshold=threshold)
 
 
+@torch.library.register_fake("regext::prox_metric_")
+def _prox_metric_fake(params, moments, means, coefs):
+    device = _device_of(params)
+    torch._check(len(moments) == len(params),
+                 lambda: f"regext: moments has {len(moments)} tensors but params has {len(params)}")
+    torch._check(len(means) in (0, len(params)),
+                 lambda: f"regext: means has {len(means)} tensors but params has {len(params)}")
+    torch._check(coefs.dtype == torch.float64 and tuple(coefs.shape) == (len(params), 4)
+                 and coefs.device == device,
+                 lambda: f"regext: coefs must be a float64 [{len(params)}, 4] tensor on {device}")
+
+
 @torch.library.register_fake("regext::count_zeros")
 def _count_zeros_fake(params):
     return torch.empty((len(params),), dtype=torch.int64, device=_device_of(params))

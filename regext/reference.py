@@ -13,6 +13,8 @@ tests compare the kernels with them bit for bit. `group_rows_reference`,
 lasso (groups along a dimension, regext/_groups.py).
 """
 
+import math
+
 import torch
 
 
@@ -86,6 +88,56 @@ def prox_group_l2_reference(params, threshold):
                                                                      device=sum_sq.device))
         product = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else torch.float64
         p.copy_(p.to(product) * scale.to(product))
+
+
+def sqrt_float64(x):
+    """Correctly rounded square roots of a float64 tensor, as the kernels' sqrt
+    instructions give them: torch's vectorized CPU sqrt (Sleef) is 1 ulp off for
+    about 1% of float64 inputs. NumPy's is the hardware's; without NumPy, Python's
+    math.sqrt element by element."""
+    try:
+        import numpy as np
+    except ImportError:
+        values = [math.sqrt(v) if v >= 0 else math.nan for v in x.flatten().tolist()]
+        return torch.tensor(values, dtype=torch.float64).reshape(x.shape).to(x.device)
+    with np.errstate(invalid="ignore"):
+        return torch.from_numpy(np.sqrt(x.detach().cpu().numpy())).to(x.device)
+
+
+def metric_denominator_reference(moment, mean, scale, eps):
+    """d = sqrt(max(v - m², 0))·scale + eps in float64 (csrc/penalty_math.h,
+    metric_denominator); `mean` None for none."""
+    v = moment.to(torch.float64)
+    if mean is not None:
+        v = v - mean.to(torch.float64).pow(2)
+        v = torch.where(v < 0, torch.zeros_like(v), v)  # NaN stays NaN
+    return sqrt_float64(v) * scale + eps
+
+
+def prox_metric_reference(params, moments, means, coefs):
+    """x <- sign(x)·max(|x| - l1_step/d, 0) / (1 + ridge_step/d) per element, in
+    float64, rounded once (through float32 for the half types); one row
+    (l1_step, ridge_step, scale, eps) of `coefs` per tensor, in list order; a row
+    whose two steps are 0 leaves its tensor as it is.
+
+    The kernels give these bits for float64 parameters and with means; for float32
+    and the half types without means they compute in float32 wherever that is
+    provably within 5e-6 of this and makes the same zeros (csrc/penalty_math.h,
+    metric_prox_float), so compare within that."""
+    for t, p in enumerate(params):
+        l1_step, ridge_step, scale, eps = (float(c) for c in coefs[t].cpu())
+        if l1_step == 0 and ridge_step == 0:
+            continue
+        d = metric_denominator_reference(moments[t], means[t] if means else None, scale, eps)
+        y = p.to(torch.float64)
+        # torch.full_like(d, c) / d, not c / d: a number divided by a tensor is
+        # computed as c * (1 / d) in torch, which rounds twice.
+        if l1_step != 0:
+            t1 = torch.full_like(d, l1_step) / d
+            y = torch.where(y.abs() <= t1, torch.zeros_like(y), y - y.sign() * t1)
+        if ridge_step != 0:
+            y = y / (1.0 + torch.full_like(d, ridge_step) / d)
+        p.copy_(y if p.dtype == torch.float64 else y.to(torch.float32))
 
 
 def count_zeros_reference(params):

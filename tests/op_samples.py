@@ -14,7 +14,7 @@ import torch
 
 from regext.reference import (count_zeros_reference, group_rows_reference,
                               prox_group_l2_reference, prox_group_lasso_reference,
-                              prox_l1_reference)
+                              prox_l1_reference, prox_metric_reference)
 
 from conftest import scalar
 
@@ -83,6 +83,27 @@ def prox_samples(gen, device):
     return [(sample_params(gen, device, dtype), threshold)
             for dtype in DTYPES
             for threshold in (scalar(0.0), torch.tensor(0.3, dtype=torch.bfloat16).to(device))]
+
+
+def metric_samples(gen, device):
+    """Second moments (with exact zeros: a threshold of l1_step / eps) laid out
+    contiguously, so the transposed parameter's are staged; means of centered
+    RMSprop; rows with both steps, one only, eps = 0 and none (left untouched)."""
+    out = []
+    for dtype in DTYPES:
+        params = sample_params(gen, device, dtype)
+        moments = [(1e-3 * torch.rand(p.shape, generator=gen, dtype=torch.float64)).to(dtype)
+                   .contiguous().to(device) for p in params]
+        moments[4][::3] = 0.0
+        means = [(0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(dtype)
+                 .to(device) for p in params]
+        rows = [[0.01, 0.0, 1.5, 1e-8], [0.01, 0.02, 1.0, 1e-3], [0.0, 0.0, 1.0, 1e-8],
+                [0.002, 0.0, 1.0, 0.0], [1e-4, 0.0, 30.0, 1e-8], [0.0, 0.05, 1.0, 1e-8],
+                [0.03, 0.01, 2.0, 1e-2]]
+        coefs = torch.tensor(rows, dtype=torch.float64, device=device)
+        out.append((params, moments, [], coefs))
+        out.append((params, moments, means, coefs))
+    return out
 
 
 def count_samples(gen, device):
@@ -258,6 +279,7 @@ OPS = {
                                            ref_forward_accumulate_),
     "prox_l1_": OpEntry(prox_samples, (0,), prox_l1_reference),
     "prox_group_l2_": OpEntry(prox_samples, (0,), prox_group_l2_reference),
+    "prox_metric_": OpEntry(metric_samples, (0,), prox_metric_reference),
     "count_zeros": OpEntry(count_samples, (), count_zeros_reference),
     "group_penalty_forward": OpEntry(group_forward_samples, (), ref_group_forward),
     "group_penalty_backward": OpEntry(group_backward_samples, (), ref_group_backward),

@@ -41,6 +41,15 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     torch.ops.regext.prox_group_l2_(q, c(3.0))
     out += q
     out.append(torch.ops.regext.count_zeros(ps))
+    # The proximal step in an optimizer's metric: the float32 path, its float64 fallback
+    # (NaN, tiny and huge values) and, with means, the float64 path.
+    vs = [torch.rand(p.shape).to(dt) for p in ps]; vs[8][::2] = 0.0
+    ms = [0.3 * torch.randn(p.shape).to(dt) for p in ps]
+    cf = torch.tensor([[0.05, 0.02, 1.3, 1e-8]] * len(ps), dtype=torch.float64); cf[3, 0] = 0.0
+    for means in ([], ms):
+        q = [p.clone() for p in ps]
+        torch.ops.regext.prox_metric_(q, vs, means, cf)
+        out += q
     # The group lasso: long runs, short runs and per-position (strided column) loops.
     ws = [torch.randn(s).to(dt) for s in ((3, 40000), (50, 300), (64, 70), (16, 8, 3, 3))]
     ws[1][7] = 0.0; ws[2][:, 5] = float("nan")

@@ -45,6 +45,30 @@ void CpuBackend::prox_group_l2(at::ArrayRef<at::Tensor> dense, const at::Tensor&
   });
 }
 
+void CpuBackend::prox_metric(at::ArrayRef<at::Tensor> dense, at::ArrayRef<at::Tensor> moments,
+                             at::ArrayRef<at::Tensor> means, const at::Tensor& coefs) {
+  const double* rows = coefs.const_data_ptr<double>();
+  auto coefs_of = [&](int64_t t) {
+    const double* r = rows + t * kMetricColumns;
+    return MetricCoefs{r[0], r[1], r[2], r[3]};
+  };
+  const ChunkTable table = make_chunk_table(dense, kChunkElems);
+  cpu::for_each_chunk(dense, table, [&](int64_t, const Chunk& chunk) {
+    const MetricCoefs c = coefs_of(chunk.tensor);
+    if (c.is_identity()) return;  // unchanged, bit for bit
+    const at::Tensor& x = dense[chunk.tensor];
+    REGEXT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prox_metric_", [&] {
+      const scalar_t* m = means.empty() ? nullptr
+                                        : static_cast<const scalar_t*>(
+                                              means[chunk.tensor].const_data_ptr()) + chunk.begin;
+      cpu::loops_for<scalar_t>().metric_prox_(
+          static_cast<scalar_t*>(x.data_ptr()) + chunk.begin,
+          static_cast<const scalar_t*>(moments[chunk.tensor].const_data_ptr()) + chunk.begin, m,
+          chunk.length, c);
+    });
+  });
+}
+
 void CpuBackend::count_zeros(at::ArrayRef<at::Tensor> dense, const at::Tensor& counts) {
   const ChunkTable table = make_chunk_table(dense, kChunkElems);
   std::vector<int64_t> partial(table.chunks.size());

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../penalty_math.h"
+
 namespace regext::cpu {
 
 struct AbsSqSums {
@@ -59,6 +61,13 @@ struct LoopsFor {
   void (*scale_by_position_)(T* x, int64_t n, const double* scale);
   // abs_sq_sums(x, n, exact).sq, bit for bit, with less work where it can.
   double (*sq_sum)(const T* x, int64_t n, bool exact);
+  // The proximal step in an optimizer's metric, in place: x[i] = metric_prox(x[i],
+  // metric_denominator(v[i], m[i], ...), c) (penalty_math.h), with the means m of
+  // centered RMSprop, or m == nullptr for none. float64 arithmetic, rounded once to T
+  // (through float32 for the half types, as c10's conversions go); for float32 and the
+  // half types without means, metric_prox_float wherever it decides (within 5e-6 of
+  // the float64 step, the same zeros).
+  void (*metric_prox_)(T* x, const T* v, const T* m, int64_t n, const MetricCoefs& c);
 };
 
 // One instruction-set variant of every loop.

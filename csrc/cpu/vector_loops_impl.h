@@ -507,6 +507,280 @@ void scale_by_position_(T* x, int64_t n, const double* scale) {
   });
 }
 
+// ---- The proximal step in an optimizer's metric (prox_metric_) ----
+// Elementwise, in float64 (metric_prox) or in float32 where that provably agrees
+// (metric_prox_float; penalty_math.h says when): correctly rounded sqrt, division and
+// conversions, no fused multiply-add, the same per-lane decisions as the scalar
+// code, so every instruction set gives the bits of the functions in penalty_math.h.
+
+// sqrt of every lane with the ISA's instruction (correctly rounded, as ::sqrt).
+REGEXT_INLINE DoubleV sqrt_lanes(DoubleV v) {
+#if defined(__x86_64__) && REGEXT_FLOAT_LANES == 16
+  return reinterpret_cast<DoubleV>(_mm512_maskz_sqrt_pd(0xFF, reinterpret_cast<__m512d>(v)));
+#elif defined(__x86_64__) && REGEXT_FLOAT_LANES == 8
+  return reinterpret_cast<DoubleV>(_mm256_sqrt_pd(reinterpret_cast<__m256d>(v)));
+#elif defined(__x86_64__)
+  return reinterpret_cast<DoubleV>(_mm_sqrt_pd(reinterpret_cast<__m128d>(v)));
+#else
+  DoubleV r;
+  for (int j = 0; j < kD; ++j) r[j] = __builtin_sqrt(v[j]);
+  return r;
+#endif
+}
+
+// kF consecutive elements as float64: lo = the first kD, hi = the next kD.
+template <typename T>
+REGEXT_INLINE void load_double_pair(const T* x, DoubleV& lo, DoubleV& hi) {
+  if constexpr (std::is_same_v<T, double>) {
+    __builtin_memcpy(&lo, x, sizeof(lo));
+    __builtin_memcpy(&hi, x + kD, sizeof(hi));
+  } else {
+    const FloatV f = load_floats(x);
+    lo = widen<0>(f);
+    hi = widen<1>(f);
+  }
+}
+
+// kD float64 lanes rounded to float (to nearest, as static_cast<float>), stored at out.
+REGEXT_INLINE void store_narrowed(float* out, DoubleV v) {
+#if defined(__x86_64__) && REGEXT_FLOAT_LANES == 16
+  const __m256 f = _mm512_maskz_cvtpd_ps(0xFF, reinterpret_cast<__m512d>(v));
+#elif defined(__x86_64__) && REGEXT_FLOAT_LANES == 8
+  const __m128 f = _mm256_cvtpd_ps(reinterpret_cast<__m256d>(v));
+#elif defined(__x86_64__)
+  const __m128 f = _mm_cvtpd_ps(reinterpret_cast<__m128d>(v));  // 2 floats in the low half
+#else
+  float f[kD];
+  for (int j = 0; j < kD; ++j) f[j] = static_cast<float>(v[j]);
+#endif
+  __builtin_memcpy(out, &f, kD * sizeof(float));
+}
+
+// The inverse of load_double_pair, each lane rounded once to T.
+template <typename T>
+REGEXT_INLINE void store_double_pair(T* x, DoubleV lo, DoubleV hi) {
+  if constexpr (std::is_same_v<T, double>) {
+    __builtin_memcpy(x, &lo, sizeof(lo));
+    __builtin_memcpy(x + kD, &hi, sizeof(hi));
+  } else if constexpr (std::is_same_v<T, float>) {
+    store_narrowed(x, lo);
+    store_narrowed(x + kD, hi);
+  } else {
+    for (int j = 0; j < kD; ++j) {
+      x[j] = from_double<T>(lo[j]);
+      x[kD + j] = from_double<T>(hi[j]);
+    }
+  }
+}
+
+// Register forms of metric_denominator and metric_prox (penalty_math.h): the same
+// operations in the same order, with vector selects for the clamp.
+struct MetricLanes {
+  DoubleV l1_step, ridge_step, scale, eps, one;
+  bool l1, ridge;
+  explicit MetricLanes(const MetricCoefs& c)
+      : l1_step(DoubleV{} + c.l1_step),
+        ridge_step(DoubleV{} + c.ridge_step),
+        scale(DoubleV{} + c.scale),
+        eps(DoubleV{} + c.eps),
+        one(DoubleV{} + 1.0),
+        l1(c.l1_step != 0.0),
+        ridge(c.ridge_step != 0.0) {}
+};
+
+template <bool kCentered>
+REGEXT_INLINE DoubleV metric_prox_lanes(DoubleV x, DoubleV v, DoubleV m, const MetricLanes& k) {
+  DoubleV s = v;
+  if constexpr (kCentered) {
+    const DoubleV zero{};
+    s = v - m * m;
+    s = s < zero ? zero : s;
+  }
+  const DoubleV d = sqrt_lanes(s) * k.scale + k.eps;
+  DoubleV y = x;
+  if (k.l1) y = soft_threshold_lanes(y, k.l1_step / d);
+  if (k.ridge) y = y / (k.one + k.ridge_step / d);
+  return y;
+}
+
+template <typename T, bool kCentered>
+REGEXT_INLINE void metric_prox_impl(T* x, const T* v, const T* m, int64_t n,
+                                    const MetricCoefs& c) {
+  const MetricLanes k(c);
+  for_each_block_rw(x, n, [&](int64_t begin, int64_t end) {
+    prefetch_ahead(v + begin);
+    if constexpr (kCentered) prefetch_ahead(m + begin);
+    int64_t i = begin;
+    for (; i + kF <= end; i += kF) {
+      DoubleV x0, x1, v0, v1, m0{}, m1{};
+      load_double_pair(x + i, x0, x1);
+      load_double_pair(v + i, v0, v1);
+      if constexpr (kCentered) load_double_pair(m + i, m0, m1);
+      store_double_pair(x + i, metric_prox_lanes<kCentered>(x0, v0, m0, k),
+                        metric_prox_lanes<kCentered>(x1, v1, m1, k));
+    }
+    for (; i < end; ++i) {
+      const double mean = kCentered ? static_cast<double>(m[i]) : 0.0;
+      const double d =
+          metric_denominator<kCentered>(static_cast<double>(v[i]), mean, c.scale, c.eps);
+      x[i] = from_double<T>(metric_prox(static_cast<double>(x[i]), d, c));
+    }
+  });
+}
+
+// sqrt of every float lane with the ISA's instruction (correctly rounded, as ::sqrtf).
+REGEXT_INLINE FloatV sqrt_floats(FloatV v) {
+#if defined(__x86_64__) && REGEXT_FLOAT_LANES == 16
+  return reinterpret_cast<FloatV>(_mm512_maskz_sqrt_ps(0xFFFF, reinterpret_cast<__m512>(v)));
+#elif defined(__x86_64__) && REGEXT_FLOAT_LANES == 8
+  return reinterpret_cast<FloatV>(_mm256_sqrt_ps(reinterpret_cast<__m256>(v)));
+#elif defined(__x86_64__)
+  return reinterpret_cast<FloatV>(_mm_sqrt_ps(reinterpret_cast<__m128>(v)));
+#else
+  FloatV r;
+  for (int j = 0; j < kF; ++j) r[j] = __builtin_sqrtf(v[j]);
+  return r;
+#endif
+}
+
+// Whether every lane of a comparison result is true (-1): the sign bits, gathered by
+// the ISA's movemask (a reduction through memory stalled the loop below).
+REGEXT_INLINE bool all_lanes(IntV mask) {
+#if defined(__x86_64__) && REGEXT_FLOAT_LANES == 16
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask)) == 0xFFFF;
+#elif defined(__x86_64__) && REGEXT_FLOAT_LANES == 8
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(mask)) == 0xFF;
+#elif defined(__x86_64__)
+  return _mm_movemask_ps(reinterpret_cast<__m128>(mask)) == 0xF;
+#else
+  bool all = true;
+  for (int k = 0; k < kF; ++k) all = all && mask[k] != 0;
+  return all;
+#endif
+}
+
+// metric_prox_float (penalty_math.h) on a register: the same operations, lane by
+// lane; `decided` is true (-1) in the lanes it computed, false in those it leaves to
+// float64.
+struct MetricFloatLanes {
+  FloatV l1_step, ridge_step, scale, eps, one, zero_below, exact_above, min_d;
+  explicit MetricFloatLanes(const MetricCoefsFloat& c)
+      : l1_step(FloatV{} + c.l1_step),
+        ridge_step(FloatV{} + c.ridge_step),
+        scale(FloatV{} + c.scale),
+        eps(FloatV{} + c.eps),
+        one(FloatV{} + 1.0f),
+        zero_below(FloatV{} + kMetricZeroBelow),
+        exact_above(FloatV{} + kMetricExactAbove),
+        min_d(FloatV{} + kMetricMinDenominator) {}
+};
+
+// Soft-thresholding here works on the bits: |x| by clearing the sign, the result's
+// sign put back with an xor, the zeros by masking. For every lane it decides (x not
+// NaN) that is soft_threshold's result bit for bit: +0 where |x| <= t, else
+// sign(x)·(|x| − t) with |x| − t > 0; and fewer instructions than its selects.
+template <bool kL1, bool kRidge>
+REGEXT_INLINE FloatV metric_prox_float_lanes(FloatV x, FloatV v, const MetricFloatLanes& k,
+                                             IntV& decided) {
+  const FloatV d = sqrt_floats(v) * k.scale + k.eps;
+  decided = d >= k.min_d;
+  FloatV y = x;
+  if constexpr (kL1) {
+    const IntV bits = reinterpret_cast<IntV>(x);
+    const FloatV magnitude = reinterpret_cast<FloatV>(bits & 0x7fffffff);
+    const FloatV t = k.l1_step / d;
+    decided &= (magnitude <= t * k.zero_below) | (magnitude >= t * k.exact_above);
+    const IntV shrunk = reinterpret_cast<IntV>(magnitude - t) ^ (bits & INT32_MIN);
+    y = reinterpret_cast<FloatV>(shrunk & ~(magnitude <= t));
+  }
+  if constexpr (kRidge) y = y / (k.one + k.ridge_step / d);
+  return y;
+}
+
+// One element: the float32 step where it decides, else the float64 step.
+template <typename T>
+REGEXT_INLINE T metric_prox_element(T x, T v, const MetricCoefs& c, const MetricCoefsFloat& cf) {
+  float y;
+  if (metric_prox_float(static_cast<float>(x), static_cast<float>(v), cf, &y)) {
+    return static_cast<T>(y);
+  }
+  const double d = metric_denominator<false>(static_cast<double>(v), 0.0, c.scale, c.eps);
+  return from_double<T>(metric_prox(static_cast<double>(x), d, c));
+}
+
+// float32/float16/bfloat16 parameters with plain second moments, coefficients within
+// float32's range: the fast path, each register's undecided lanes redone in float64.
+// kF lanes of y stored at x, rounded to T; the lanes `decided` does not hold are
+// computed by metric_prox_element instead.
+template <typename T>
+REGEXT_INLINE void store_decided(T* x, const T* v, FloatV y, IntV decided, const MetricCoefs& c,
+                                 const MetricCoefsFloat& cf) {
+  if (all_lanes(decided)) {
+    if constexpr (std::is_same_v<T, float>) {
+      __builtin_memcpy(x, &y, sizeof(y));
+    } else {
+      for (int j = 0; j < kF; ++j) x[j] = static_cast<T>(y[j]);
+    }
+    return;
+  }
+  for (int j = 0; j < kF; ++j) {
+    x[j] = decided[j] ? static_cast<T>(y[j]) : metric_prox_element(x[j], v[j], c, cf);
+  }
+}
+
+// Two registers per iteration: the square root and the division are long-latency
+// chains, and two independent ones keep the units busy.
+template <typename T, bool kL1, bool kRidge>
+REGEXT_INLINE void metric_prox_float_loop(T* x, const T* v, int64_t n, const MetricCoefs& c) {
+  const MetricCoefsFloat cf = metric_coefs_float(c);
+  const MetricFloatLanes k(cf);
+  for_each_block_rw(x, n, [&](int64_t begin, int64_t end) {
+    prefetch_ahead(v + begin);
+    int64_t i = begin;
+    for (; i + 2 * kF <= end; i += 2 * kF) {
+      IntV decided0, decided1;
+      const FloatV y0 =
+          metric_prox_float_lanes<kL1, kRidge>(load_floats(x + i), load_floats(v + i), k, decided0);
+      const FloatV y1 = metric_prox_float_lanes<kL1, kRidge>(load_floats(x + i + kF),
+                                                            load_floats(v + i + kF), k, decided1);
+      if (std::is_same_v<T, float> && all_lanes(decided0 & decided1)) {  // the usual case
+        __builtin_memcpy(x + i, &y0, sizeof(y0));
+        __builtin_memcpy(x + i + kF, &y1, sizeof(y1));
+        continue;
+      }
+      store_decided(x + i, v + i, y0, decided0, c, cf);
+      store_decided(x + i + kF, v + i + kF, y1, decided1, c, cf);
+    }
+    for (; i < end; ++i) x[i] = metric_prox_element(x[i], v[i], c, cf);
+  });
+}
+
+template <typename T>
+REGEXT_INLINE void metric_prox_float_impl(T* x, const T* v, int64_t n, const MetricCoefs& c) {
+  if (c.l1_step != 0.0 && c.ridge_step != 0.0) {
+    metric_prox_float_loop<T, true, true>(x, v, n, c);
+  } else if (c.l1_step != 0.0) {
+    metric_prox_float_loop<T, true, false>(x, v, n, c);
+  } else {
+    metric_prox_float_loop<T, false, true>(x, v, n, c);
+  }
+}
+
+template <typename T>
+void metric_prox_(T* x, const T* v, const T* m, int64_t n, const MetricCoefs& c) {
+  if (m != nullptr) {
+    metric_prox_impl<T, true>(x, v, m, n, c);
+    return;
+  }
+  if constexpr (!std::is_same_v<T, double>) {
+    if (metric_fits_float(c)) {
+      metric_prox_float_impl(x, v, n, c);
+      return;
+    }
+  }
+  metric_prox_impl<T, false>(x, v, nullptr, n, c);
+}
+
 template <typename T>
 constexpr LoopsFor<T> loops() {
   return {&abs_sq_sums<T>,
@@ -518,7 +792,8 @@ constexpr LoopsFor<T> loops() {
           &abs_sq_accumulate<T>,
           &penalty_grad_by_position<T>,
           &scale_by_position_<T>,
-          &sq_sum<T>};
+          &sq_sum<T>,
+          &metric_prox_<T>};
 }
 
 constexpr VectorLoops kLoops{REGEXT_ISA_NAME, loops<float>(), loops<double>(), loops<c10::Half>(),

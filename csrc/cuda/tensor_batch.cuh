@@ -113,7 +113,9 @@ inline int64_t total_chunks(const std::vector<BatchPlan>& plans) {
 // chunk_prefix[j] <= chunk. Zero-chunk tensors share their prefix with the
 // next tensor and are never chosen. Same answer in every thread: broadcast
 // reads of the parameter bank.
-__device__ __forceinline__ int owner_of_chunk(const TensorBatch& b, int32_t chunk) {
+// Any batch with num_tensors, numel and chunk_prefix laid out as TensorBatch's.
+template <typename Batch>
+__device__ __forceinline__ int owner_of_chunk(const Batch& b, int32_t chunk) {
   int lo = 0, hi = b.num_tensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -130,7 +132,8 @@ struct ChunkSpan {
   int length;
 };
 
-__device__ __forceinline__ ChunkSpan chunk_of_block(const TensorBatch& batch) {
+template <typename Batch>
+__device__ __forceinline__ ChunkSpan chunk_of_block(const Batch& batch) {
   const int32_t chunk = static_cast<int32_t>(blockIdx.x);
   const int j = owner_of_chunk(batch, chunk);
   const int64_t begin = static_cast<int64_t>(chunk - batch.chunk_prefix[j]) * kChunkElems;

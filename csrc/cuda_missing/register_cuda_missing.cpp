@@ -29,6 +29,10 @@ struct MissingCudaBackend {
   static void prox_group_l2(at::ArrayRef<at::Tensor>, const at::Tensor&, const at::Tensor&) {
     no_cuda_kernels();
   }
+  static void prox_metric(at::ArrayRef<at::Tensor>, at::ArrayRef<at::Tensor>,
+                          at::ArrayRef<at::Tensor>, const at::Tensor&) {
+    no_cuda_kernels();
+  }
   static void count_zeros(at::ArrayRef<at::Tensor>, const at::Tensor&) { no_cuda_kernels(); }
   static void group_stats_and_total(at::ArrayRef<at::Tensor>, at::ArrayRef<GroupLayout>,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,

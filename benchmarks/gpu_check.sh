@@ -64,6 +64,19 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         regext.prox_l1_([p.detach() for p in ps], 0.01)
         regext.prox_group_l2_([p.detach() for p in ps], 0.01)
     regext.sparsity(ps)
+    # The proximal step in an optimizer's metric (metric_cuda.cu): Adam's second
+    # moments, centered RMSprop's (two state tensors), a capturable Adam's device steps.
+    for make in (lambda q: torch.optim.AdamW(q, lr=1e-3),
+                 lambda q: torch.optim.RMSprop(q, lr=1e-3, centered=True),
+                 lambda q: torch.optim.Adam(q, lr=1e-3, capturable=True)):
+        opt = make(ps)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        regext.prox_l1_(ps, 1e-4, metric=opt)
+        regext.prox_l2_squared_(ps, 1e-4, metric=opt)
+        for p in ps:
+            p.grad = None
     # The group lasso: long rows (pieces), short rows, strided columns (positions).
     ws = [torch.randn(s, generator=g).to("cuda", dtype).requires_grad_()
           for s in ((2, 33000), (50, 300), (300, 40), (16, 8, 3, 3))]
@@ -90,6 +103,9 @@ done
 timeout 120 $PY benchmarks/bench_penalty.py --device cuda --quick --out "$OUT/bench" \
   > "$OUT/bench.log" 2>&1
 status "benchmark (--quick)" "rc=$? (bench.log, bench/results.json)"
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_metric_prox.py -k cuda \
+  > "$OUT/tests_metric.log" 2>&1
+status "metric prox (cuda: no sync)" "$(tail -n 1 "$OUT/tests_metric.log")"
 status "total" "$((SECONDS - start)) s"
 
 echo "==== benchmark table (tail) ===="

@@ -2,53 +2,39 @@
 its proximal step after every step with each parameter's own learning rate
 (Penalty.attach documents the behaviour; this is the machinery)."""
 
+import warnings
+
 import torch
 
+from regext._metric import (OptimizerMetric, family_of, is_euclidean, optimizer_name,
+                            unwrap_optimizer)
+from regext._dtensor import has_dtensor
 from regext._validation import coefficient
+from regext.prox import check_no_dtensor_groups
 
 MODES = ("grad", "prox")
-
-
-def unwrap_optimizer(func, optimizer):
-    """The torch.optim.Optimizer that really steps, behind the wrappers training
-    frameworks hand out.
-
-    accelerate's ``AcceleratedOptimizer`` (what the Hugging Face Trainer gives its
-    callbacks), Lightning's ``LightningOptimizer`` and DeepSpeed's wrappers hold the
-    real optimizer as ``.optimizer`` (or ``._optimizer``) and call its ``step()``; they
-    pass for Optimizers (accelerate's subclasses it, Lightning's imitates its class)
-    but never ran ``Optimizer.__init__``, so they have no step hooks of their own.
-    Hooks registered on the inner optimizer run whenever the wrapper really steps
-    (accelerate skips the step on accumulation micro-batches, and so do the hooks).
-    """
-    for _ in range(8):  # wrappers of wrappers; a cycle would be a bug elsewhere
-        if "_optimizer_step_pre_hooks" in getattr(optimizer, "__dict__", ()):
-            return optimizer  # a real Optimizer: it ran Optimizer.__init__
-        if isinstance(optimizer, torch.optim.lr_scheduler.LRScheduler):
-            raise TypeError(f"{func}: got the LR scheduler {type(optimizer).__name__}; pass the "
-                            f"optimizer it schedules (scheduler.optimizer)")
-        inner = next((v for v in (getattr(optimizer, "optimizer", None),
-                                  getattr(optimizer, "_optimizer", None))
-                      if isinstance(v, torch.optim.Optimizer) and v is not optimizer), None)
-        if inner is None:
-            break
-        optimizer = inner
-    raise TypeError(f"{func}: optimizer must be a torch.optim.Optimizer, or a wrapper that holds "
-                    f"one as .optimizer (accelerate's AcceleratedOptimizer, Lightning's "
-                    f"LightningOptimizer); got {type(optimizer).__name__}")
+METRICS = ("auto", "optimizer", "euclidean")
 
 
 class PenaltyAttachment:
     """The hooks of one Penalty on one optimizer; ``remove()`` takes them off.
 
-    Built by :meth:`regext.Penalty.attach`. ``mode``, ``warmup_steps``, ``penalty``
-    and ``optimizer`` (the real optimizer, unwrapped) are readable attributes.
+    Built by :meth:`regext.Penalty.attach`. ``mode``, ``warmup_steps``, ``penalty``,
+    ``optimizer`` (the real optimizer, unwrapped), ``metric`` (as asked) and
+    ``in_metric`` (whether the proximal step is taken in the optimizer's own metric)
+    are readable attributes.
     """
 
-    def __init__(self, penalty, optimizer, mode, warmup_steps=0):
+    def __init__(self, penalty, optimizer, mode, warmup_steps=0, metric="auto"):
         func = "Penalty.attach"
         if mode not in MODES:
             raise ValueError(f"{func}: mode must be 'grad' or 'prox', got {mode!r}")
+        if metric not in METRICS:
+            raise ValueError(f"{func}: metric must be 'auto', 'optimizer' or 'euclidean', "
+                             f"got {metric!r}")
+        if mode == "grad" and metric != "auto":
+            raise ValueError(f"{func}: metric={metric!r} applies to mode='prox' only (grad "
+                             f"mode adds the penalty's gradient, which has no metric)")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"{func}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         optimizer = unwrap_optimizer(func, optimizer)
@@ -62,12 +48,38 @@ class PenaltyAttachment:
                              f"optimizer does not hold it ({len(missing)} such parameters); "
                              f"exclude it from the Penalty or add it to the optimizer")
         self.penalty, self.optimizer = penalty, optimizer
-        self.mode, self.warmup_steps = mode, warmup_steps
+        self.mode, self.warmup_steps, self.metric = mode, warmup_steps, metric
+        self._metric = self._resolve_metric(func) if mode == "prox" else None
         if mode == "grad":
             self._handles = [optimizer.register_step_pre_hook(self._add_grad),
                              optimizer.register_step_post_hook(self._advance)]
         else:
             self._handles = [optimizer.register_step_post_hook(self._prox)]
+
+    def _resolve_metric(self, func):
+        """The OptimizerMetric of the proximal steps, or None for the Euclidean step."""
+        if self.metric == "euclidean" or is_euclidean(self.optimizer):
+            return None
+        if family_of(self.optimizer) is None:
+            if self.metric == "optimizer":
+                OptimizerMetric(func, self.optimizer)  # raises the ValueError
+            warnings.warn(f"{func}: regext does not know the metric of "
+                          f"{optimizer_name(self.optimizer)}; its proximal steps are the "
+                          f"Euclidean ones (threshold lr·l1 for every weight), which an "
+                          f"optimizer that normalizes its steps barely feels. Pass "
+                          f"metric=\"euclidean\" to say that is intended", stacklevel=4)
+            return None
+        for group in self.penalty.groups:
+            l2 = group.l2
+            if (not group.l2_squared and isinstance(l2, (int, float)) and l2 > 0
+                    and has_dtensor(group.params)):
+                check_no_dtensor_groups(func, group.params)  # raises, naming the way out
+        return OptimizerMetric(func, self.optimizer)
+
+    @property
+    def in_metric(self):
+        """Whether the proximal steps are taken in the optimizer's own metric."""
+        return self._metric is not None
 
     @property
     def active(self):
@@ -118,7 +130,8 @@ class PenaltyAttachment:
                 lr = coefficient("Penalty.attach", "lr", group["lr"])
                 if found_inf is not None:
                     lr = lr * (found_inf == 0)
-                self.penalty.prox_(lr, only={id(p) for p in group["params"]})
+                self.penalty.prox_(lr, only={id(p) for p in group["params"]},
+                                   metric=self._metric)
         self.penalty.step += 1
 
     def remove(self):
@@ -129,6 +142,8 @@ class PenaltyAttachment:
         self._handles = []
 
     def __repr__(self):
-        return (f"PenaltyAttachment(mode={self.mode!r}, warmup_steps={self.warmup_steps}, "
+        metric = "" if self.mode == "grad" else (
+            f", metric={'optimizer' if self.in_metric else 'euclidean'}")
+        return (f"PenaltyAttachment(mode={self.mode!r}{metric}, warmup_steps={self.warmup_steps}, "
                 f"{type(self.optimizer).__name__}, step {self.penalty.step}"
                 f"{'' if self.active else ', removed'})")

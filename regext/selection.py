@@ -20,7 +20,8 @@ from regext._validation import (SUPPORTED_DTYPES, check_coefficient, check_writa
                                 coefficient, materialize_params)
 from regext.grad import add_penalty_grad_checked
 from regext.penalty import penalty_fast, penalty_of_checked
-from regext.prox import prox_group_l2_checked, prox_l1_checked, prox_l2_squared_checked
+from regext.prox import (metric_of, prox_group_l2_checked, prox_group_l2_metric_checked,
+                         prox_l1_checked, prox_l2_squared_checked, prox_metric_checked, zero_like)
 
 _OVERRIDE_KEYS = ("l1", "l2", "l2_squared", "group", "group_weight")
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
@@ -552,7 +553,7 @@ class Penalty:
             l1, l2 = l1 * scale, l2 * scale
         return _fastpath.accumulate_penalty_grad(params, grads, l1, l2, group.l2_squared)
 
-    def prox_(self, lr, *, only=None):
+    def prox_(self, lr, *, only=None, metric=None):
         """The proximal step of ``lr ×`` this penalty, in place, per group:
 
         * L1 part: soft-thresholding by ``lr·l1`` (:func:`regext.prox_l1_`), which
@@ -569,14 +570,38 @@ class Penalty:
         number or a 0-dim tensor). Parameters that do not require grad are left alone;
         ``only`` (a set of ``id(parameter)``) restricts the step to those parameters
         (:meth:`attach` steps each optimizer group with its own learning rate).
+
+        ``metric``: None for the Euclidean step above, or the optimizer that has just
+        stepped these parameters: the same proximal map in that optimizer's diagonal
+        metric (Adam, AdamW, Adagrad, RMSprop; see :func:`regext.prox_l1_`), which is
+        what :meth:`attach` does by default. The L1 and squared-L2 parts are one fused
+        pass over each parameter and its optimizer state; the group lasso part is the
+        slower float64 path of :func:`regext.prox_group_l2_`. The composition is exact
+        in the metric too: its soft-thresholding, then its group step, is the proximal
+        map of the sum.
         """
         func = "Penalty.prox_"
         lr = coefficient(func, "lr", lr)
+        metric = metric_of(func, metric)
+        if metric is not None:  # every parameter held, before any is stepped
+            for _, params, names, _, _, _ in self._calls(func, only):
+                metric.check_holds(func, params, names)
         for group, params, names, _, l1, l2 in self._calls(func, only):
-            self._prox_group(func, group, params, names, lr, l1, l2)
+            self._prox_group(func, group, params, names, lr, l1, l2, metric)
 
-    def _prox_group(self, func, group, params, names, lr, l1, l2):
+    def _prox_group(self, func, group, params, names, lr, l1, l2, metric=None):
         check_writable(func, params, names)
+        if metric is not None:
+            l1_on, l2_on = _maybe_positive(l1), _maybe_positive(l2)
+            ridge = l2_on and group.l2_squared
+            if l1_on or ridge:
+                zero = zero_like(lr)
+                prox_metric_checked(func, params, metric, lr * l1 if l1_on else zero,
+                                    2.0 * lr * l2 if ridge else zero, names)
+            if l2_on and not group.l2_squared:
+                prox_group_l2_metric_checked(func, params, metric, lr * l2, names,
+                                             group.grouping)
+            return
         if _maybe_positive(l1):
             prox_l1_checked(params, lr * l1)
         if _maybe_positive(l2):
@@ -587,7 +612,7 @@ class Penalty:
 
     # -- training loops ------------------------------------------------------------
 
-    def attach(self, optimizer, mode="grad", *, warmup_steps=0):
+    def attach(self, optimizer, mode="grad", *, warmup_steps=0, metric="auto"):
         """Applies this penalty at every ``optimizer.step()``; returns a handle whose
         ``remove()`` detaches it (training is then exactly as without regext).
 
@@ -597,7 +622,23 @@ class Penalty:
           parameter's own learning rate at that step (its param group's ``lr``, so LR
           schedulers and per-group rates are honoured): soft-thresholding for L1, group
           shrinkage for the Euclidean L2, multiplicative decay for ``l2_squared``
-          (decoupled weight decay).
+          (decoupled weight decay), taken in the metric ``metric`` names:
+
+          - ``"auto"`` (default): the optimizer's own diagonal metric where regext
+            knows it (Adam, AdamW, Adagrad, RMSprop, their subclasses; foreach, fused,
+            capturable, amsgrad, per-group hyperparameters): coordinate i is
+            soft-thresholded at ``lr·l1/denom_i``, ``denom`` being what the optimizer
+            divides its update by, so that ``l1`` means the same under every
+            optimizer (at equilibrium a weight is zero iff its loss gradient is below
+            ``l1``). SGD's metric is the Euclidean one (the step is unchanged). Any
+            other optimizer: the Euclidean step, with a warning naming it, once.
+          - ``"optimizer"``: the same, but an optimizer regext does not know raises
+            ValueError.
+          - ``"euclidean"``: the Euclidean step (``lr·l1`` for every coordinate)
+            whatever the optimizer, as before regext knew the metrics.
+
+          See :meth:`prox_` (``metric=``) for what is fused, and the documentation's
+          training-loop page ("When to use which metric") for when to use which.
 
         ``pen.step`` advances by one at each optimizer step and is what schedules
         (callable coefficients) see; for the first ``warmup_steps`` steps the penalty is
@@ -629,8 +670,10 @@ class Penalty:
         ``remove()`` raises RuntimeError (it would apply the penalty twice per step).
 
         Raises:
-            ValueError: an unknown ``mode``, a bad ``warmup_steps``, or a selected
-                parameter the optimizer does not hold (named).
+            ValueError: an unknown ``mode`` or ``metric``, a bad ``warmup_steps``, a
+                selected parameter the optimizer does not hold (named), ``metric=
+                "optimizer"`` with an optimizer regext does not know, or a ``metric``
+                other than ``"auto"`` in grad mode (which has no metric).
             TypeError: ``optimizer`` is neither a torch.optim.Optimizer nor a wrapper
                 holding one (an LR scheduler is named as such).
             RuntimeError: the Penalty is already attached.
@@ -643,7 +686,7 @@ class Penalty:
                 f"attachment would apply it twice per step and advance pen.step twice. Attach "
                 f"once, before the training loop, or call remove() on the handle that attach "
                 f"returned before attaching again")
-        self._attachment = PenaltyAttachment(self, optimizer, mode, warmup_steps)
+        self._attachment = PenaltyAttachment(self, optimizer, mode, warmup_steps, metric)
         return self._attachment
 
     def state_dict(self):

@@ -73,10 +73,14 @@ def test_grad_mode_with_sgd_equals_the_penalty_in_the_loss(tmp_path, manual):
     assert any(not torch.allclose(p, q) for p, q in zip(got.parameters(), plain.parameters()))
 
 
+@pytest.mark.parametrize("metric", ["auto", "euclidean"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_prox_mode_equals_prox_by_hand_and_logs(tmp_path, optimizer):
+def test_prox_mode_equals_prox_by_hand_and_logs(tmp_path, optimizer, metric):
+    """By hand: Penalty.prox_ with the optimizer as metric (the default: AdamW's own
+    metric, SGD's Euclidean one) or without (metric="euclidean")."""
+    l1 = 0.5 if metric == "euclidean" or optimizer == "sgd" else 0.02
     got = Module(optimizer)
-    callback = PenaltyCallback(l1=0.5, mode="prox")
+    callback = PenaltyCallback(l1=l1, mode="prox", metric=metric)
     trainer = fit(got, [callback], tmp_path)
     assert callback.penalty.step == 6
     assert {"penalty", "sparsity"} <= set(trainer.logged_metrics)
@@ -84,10 +88,11 @@ def test_prox_mode_equals_prox_by_hand_and_logs(tmp_path, optimizer):
 
     class ByHand(L.Callback):
         def on_fit_start(self, trainer, pl_module):
-            self.pen = regext.Penalty(pl_module, l1=0.5, exclude="no_decay")
+            self.pen = regext.Penalty(pl_module, l1=l1, exclude="no_decay")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.pen.prox_(trainer.optimizers[0].param_groups[0]["lr"])
+            opt = trainer.optimizers[0]
+            self.pen.prox_(opt.param_groups[0]["lr"], metric=opt if metric == "auto" else None)
 
     want = Module(optimizer)
     fit(want, [ByHand()], tmp_path)

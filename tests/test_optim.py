@@ -84,26 +84,31 @@ def test_grad_mode_equals_add_grad_before_step(optimizer, scheduler):
     assert pen.step == STEPS
 
 
-def _prox_by_hand(pen, opt):
+def _prox_by_hand(pen, opt, metric=None):
     def after():
         for group in opt.param_groups:
-            pen.prox_(group["lr"], only={id(p) for p in group["params"]})
+            pen.prox_(group["lr"], only={id(p) for p in group["params"]}, metric=metric)
     return after
 
 
+@pytest.mark.parametrize("metric", ["auto", "euclidean"])
 @pytest.mark.parametrize("scheduler", ["step", "cosine"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_prox_mode_equals_prox_after_step_with_each_group_lr(optimizer, scheduler):
+def test_prox_mode_equals_prox_after_step_with_each_group_lr(optimizer, scheduler, metric):
+    """By default the step is taken in the optimizer's metric (Penalty.prox_ with
+    metric=optimizer; SGD's is the Euclidean one), with metric="euclidean" as before."""
     data = batches()
     ref_model = make_model()
     ref_opt = make_optimizer(optimizer, ref_model)
     ref_pen = penalty_of(ref_model)
     want = train(ref_model, ref_opt, make_scheduler(scheduler, ref_opt), data,
-                 after_step=_prox_by_hand(ref_pen, ref_opt))
+                 after_step=_prox_by_hand(ref_pen, ref_opt,
+                                          ref_opt if metric == "auto" else None))
     model = make_model()
     opt = make_optimizer(optimizer, model)
     pen = penalty_of(model)
-    pen.attach(opt, "prox")
+    handle = pen.attach(opt, "prox", metric=metric)
+    assert handle.in_metric == (metric == "auto" and not optimizer.startswith("sgd"))
     got = train(model, opt, make_scheduler(scheduler, opt), data)
     for g, w in zip(got, want):
         assert torch.equal(g, w)

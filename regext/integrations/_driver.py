@@ -10,6 +10,7 @@ import torch
 import regext
 
 MODES = ("grad", "prox")
+METRICS = ("auto", "optimizer", "euclidean")
 
 
 def import_error(module, package, extra):
@@ -26,11 +27,11 @@ class PenaltyDriver:
             ``regext.Penalty(model, exclude="no_decay", **penalty_kwargs)`` from the
             framework's model when training begins (``exclude`` in penalty_kwargs
             replaces the preset).
-        mode, warmup_steps: as in :meth:`regext.Penalty.attach`.
+        mode, warmup_steps, metric: as in :meth:`regext.Penalty.attach`.
         penalty_kwargs: the Penalty's arguments (``l1``, ``l2``, ``group``, ...).
     """
 
-    def __init__(self, func, penalty, mode, warmup_steps, penalty_kwargs):
+    def __init__(self, func, penalty, mode, warmup_steps, penalty_kwargs, metric="auto"):
         if penalty is not None and not isinstance(penalty, regext.Penalty):
             raise TypeError(f"{func}: penalty must be a regext.Penalty or None, got "
                             f"{type(penalty).__name__}")
@@ -39,6 +40,9 @@ class PenaltyDriver:
                             f"({sorted(penalty_kwargs)}), not both")
         if mode not in MODES:
             raise ValueError(f"{func}: mode must be 'grad' or 'prox', got {mode!r}")
+        if metric not in METRICS or (mode == "grad" and metric != "auto"):
+            raise ValueError(f"{func}: metric must be 'auto', 'optimizer' or 'euclidean' "
+                             f"(and 'auto' in grad mode), got {metric!r} with mode={mode!r}")
         if penalty is None:
             # Checked now, not when training begins: a typo fails at once.
             with warnings.catch_warnings():
@@ -46,7 +50,7 @@ class PenaltyDriver:
                 regext.Penalty([], **{"exclude": "no_decay", **penalty_kwargs})
         self.func = func
         self.penalty = penalty
-        self.mode, self.warmup_steps = mode, warmup_steps
+        self.mode, self.warmup_steps, self.metric = mode, warmup_steps, metric
         self.penalty_kwargs = dict(penalty_kwargs)
         self.attachment = None
         self._pending_state = None
@@ -61,7 +65,8 @@ class PenaltyDriver:
             self.penalty.load_state_dict(self._pending_state)
             self._pending_state = None
         self.attachment = self.penalty.attach(optimizer, self.mode,
-                                              warmup_steps=self.warmup_steps)
+                                              warmup_steps=self.warmup_steps,
+                                              metric=self.metric)
 
     def end(self):
         """Detaches the penalty (training after it is as without regext)."""

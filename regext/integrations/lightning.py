@@ -24,6 +24,8 @@ class PenaltyCallback(Callback):
             **penalty_kwargs)`` when fitting starts (:mod:`regext.no_decay`).
         mode: ``"prox"`` (default) or ``"grad"``, as :meth:`regext.Penalty.attach`.
         warmup_steps: optimizer steps without the penalty at the start.
+        metric: the metric of the proximal step, as :meth:`regext.Penalty.attach`
+            (``"auto"``, the default, ``"optimizer"`` or ``"euclidean"``).
         optimizer: which of ``trainer.optimizers`` to attach to (an index; default 0,
             the first).
         log: whether to log ``"penalty"`` and ``"sparsity"`` through
@@ -47,10 +49,10 @@ class PenaltyCallback(Callback):
     ``trainer.fit(..., ckpt_path=...)``.
     """
 
-    def __init__(self, penalty=None, *, mode="prox", warmup_steps=0, optimizer=0, log=True,
-                 **penalty_kwargs):
+    def __init__(self, penalty=None, *, mode="prox", warmup_steps=0, metric="auto", optimizer=0,
+                 log=True, **penalty_kwargs):
         self.driver = PenaltyDriver("PenaltyCallback", penalty, mode, warmup_steps,
-                                    penalty_kwargs)
+                                    penalty_kwargs, metric=metric)
         if isinstance(optimizer, bool) or not isinstance(optimizer, int) or optimizer < 0:
             raise ValueError(f"PenaltyCallback: optimizer must be an index >= 0 into "
                              f"trainer.optimizers, got {optimizer!r}")

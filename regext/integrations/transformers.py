@@ -41,6 +41,9 @@ class PenaltyCallback(TrainerCallback):
             penalty's gradient added before each step), as
             :meth:`regext.Penalty.attach`.
         warmup_steps: optimizer steps without the penalty at the start.
+        metric: the metric of the proximal step, as :meth:`regext.Penalty.attach`:
+            ``"auto"`` (default: the Trainer's AdamW's own metric, where ``l1`` is in
+            units of the loss gradient), ``"optimizer"`` or ``"euclidean"``.
         **penalty_kwargs: ``l1``, ``l2``, ``l2_squared``, ``group``, ``group_weight``,
             ``exclude``, ``overrides`` of :class:`regext.Penalty`.
 
@@ -71,9 +74,10 @@ class PenaltyCallback(TrainerCallback):
     the Trainer logs that it ignores this entry: it is the callback's own.)
     """
 
-    def __init__(self, penalty=None, *, mode="prox", warmup_steps=0, **penalty_kwargs):
+    def __init__(self, penalty=None, *, mode="prox", warmup_steps=0, metric="auto",
+                 **penalty_kwargs):
         self.driver = PenaltyDriver("PenaltyCallback", penalty, mode, warmup_steps,
-                                    penalty_kwargs)
+                                    penalty_kwargs, metric=metric)
 
     @property
     def penalty(self):

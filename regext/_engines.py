@@ -19,6 +19,14 @@ what to do. Whole parameters of those engines pass:
 * DeepSpeed ZeRO-3 gives every parameter ``ds_status``: ``AVAILABLE`` inside
   ``deepspeed.zero.GatheredParameters`` (and the forward), when the tensor is whole;
   otherwise it is a 0-element placeholder and this rank's partition is ``ds_tensor``.
+  Those partitions are computed on exactly, with one all_reduce, by regext._zero3
+  where the engine's public API lets gradients reach them: ``add_penalty_grad_``
+  (into ZeRO-3's gradient partitions, between ``engine.backward`` and
+  ``engine.step``; every ZeRO-3 parameter of its list, gathered or not, goes that
+  way), ``fused_penalty``'s value without autograd, and the sparsity counts. The
+  callers say so with ``check_whole(..., zero3=...)`` and route with ``zero3_in``;
+  autograd through placeholders, the prox operators, Penalty and the group lasso
+  keep the error.
 
 The checks run only when torch.distributed is initialized (both engines need it),
 and cost a dict lookup per tensor then: the single-process path is unchanged.
@@ -34,6 +42,24 @@ _ZERO3_WHAT_TO_DO = (
     "compute it inside deepspeed.zero.GatheredParameters(params) (whole parameters: "
     "exact), or use ZeRO stage 1 or 2 (whole parameters on every rank) or FSDP2's "
     "fully_shard")
+_ZERO3_VALUE_ONLY = (
+    "on ZeRO-3 partitions fused_penalty gives the value only (under torch.no_grad(), or "
+    "with no tensor requiring grad): autograd cannot carry gradients of placeholders to "
+    "the partitions. For the gradient call regext.add_penalty_grad_(model.parameters(), "
+    "l1, l2) between engine.backward(loss) and engine.step() (exact, into ZeRO-3's "
+    "gradient partitions); or ")
+
+
+def zero3_in(items, partitioned_only=True) -> bool:
+    """Whether `items` holds a DeepSpeed ZeRO-3 parameter (partitioned_only: one
+    that is not gathered). One dict lookup per tensor; call it only when
+    distributed_active()."""
+    for p in items:
+        status = p.__dict__.get("ds_status")
+        if status is not None and not (
+                partitioned_only and getattr(status, "name", None) == "AVAILABLE"):
+            return True
+    return False
 
 
 def distributed_active() -> bool:
@@ -41,10 +67,15 @@ def distributed_active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def check_whole(func, items, label_of):
+def check_whole(func, items, label_of, zero3=None):
     """Raises for an FSDP1 or ZeRO-3 tensor among `items` that is not a whole
     parameter (module docstring); `label_of(i)` names item i in the message.
-    Call it only when distributed_active()."""
+    Call it only when distributed_active().
+
+    `zero3` says what the caller does with ZeRO-3 partitions (regext._zero3):
+    None, refuse them; "partitions" (add_penalty_grad_, sparsity), accept them;
+    "value" (fused_penalty), accept them unless an autograd graph would be built
+    (grad mode on and a tensor of the list requires grad)."""
     undecided = None
     for i, p in enumerate(items):
         attrs = p.__dict__
@@ -52,11 +83,17 @@ def check_whole(func, items, label_of):
             continue  # the usual tensor: no engine attribute
         status = attrs.get("ds_status")
         if status is not None and getattr(status, "name", None) != "AVAILABLE":
+            if zero3 == "value" and not (torch.is_grad_enabled()
+                                         and any(t.requires_grad for t in items)):
+                zero3 = "partitions"  # no autograd graph: the value alone is sound
+            if zero3 == "partitions":
+                continue
             raise ValueError(
                 f"{func}: {label_of(i)} is a DeepSpeed ZeRO-3 parameter that is not gathered "
                 f"(ds_status {getattr(status, 'name', status)}, shape {tuple(p.shape)}, dtype "
                 f"{p.dtype}): it holds a placeholder and this rank's partition is in "
-                f"ds_tensor, so its penalty would silently be wrong; {_ZERO3_WHAT_TO_DO}")
+                f"ds_tensor, so its penalty would silently be wrong; "
+                f"{_ZERO3_VALUE_ONLY if zero3 == 'value' else ''}{_ZERO3_WHAT_TO_DO}")
         if not attrs.get("_fsdp_flattened", False):
             continue
         if attrs.get("_is_flat_param", False):

@@ -10,13 +10,13 @@ def _is_named_pair(item) -> bool:
             and isinstance(item[1], torch.Tensor))
 
 
-def named_tensors(func: str, source, *, require_names: bool = False) -> list:
+def named_tensors(func: str, source, *, require_names: bool = False, zero3=None) -> list:
     """[(name, tensor)] from an nn.Module, an iterable of (name, tensor) pairs, or
     (unless require_names) an iterable of tensors, which are named "0", "1", ....
 
     A module contributes ``module.named_parameters()``: a parameter shared by two
     submodules (tied weights) appears once. Element checks are those of
-    ``materialize_params`` (TypeError naming the position).
+    ``materialize_params`` (TypeError naming the position); `zero3` as there.
     """
     named = True  # whether errors can name the tensors
     if isinstance(source, torch.nn.Module):
@@ -47,5 +47,5 @@ def named_tensors(func: str, source, *, require_names: bool = False) -> list:
             items = [(str(i), p) for i, p in enumerate(items)]
             named = False
     materialize_params(func, [p for _, p in items],
-                       names=[n for n, _ in items] if named else None)
+                       names=[n for n, _ in items] if named else None, zero3=zero3)
     return items

@@ -65,18 +65,21 @@ def check_coefficient(func: str, name: str, value) -> float:
     return value
 
 
-def materialize_params(func: str, params, arg: str = "params", names=None) -> list:
+def materialize_params(func: str, params, arg: str = "params", names=None, *,
+                       zero3=None) -> list:
     """Turns any iterable of tensors (generators included) into a checked list."""
-    return materialize_params_and_device(func, params, arg, names)[0]
+    return materialize_params_and_device(func, params, arg, names, zero3=zero3)[0]
 
 
-def materialize_params_and_device(func: str, params, arg: str = "params", names=None):
+def materialize_params_and_device(func: str, params, arg: str = "params", names=None, *,
+                                  zero3=None):
     """(checked list, whether every tensor is on the first one's device).
 
     One pass with the cheapest tests that accept a good tensor (it runs on every
     training step, ~0.2 us per tensor); an element that fails any of them is
     diagnosed by ``_raise_bad_element`` with the full message. `names`, when given,
-    name the elements in errors.
+    name the elements in errors. `zero3`: which DeepSpeed ZeRO-3 partitions the
+    caller computes on (regext._engines.check_whole; None: refused).
     """
     if isinstance(params, torch.Tensor):
         raise TypeError(f"{func}: {arg} must be an iterable of tensors (e.g. "
@@ -100,7 +103,7 @@ def materialize_params_and_device(func: str, params, arg: str = "params", names=
     if not same_device:
         _check_meta_not_mixed(func, arg, items, names)
     if distributed_active():
-        check_whole(func, items, lambda i: label(arg, i, names))
+        check_whole(func, items, lambda i: label(arg, i, names), zero3)
     return items, same_device
 
 

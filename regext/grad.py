@@ -12,6 +12,7 @@ import torch
 from regext import distributed, distributed_groups
 from regext import _fastpath, _groups, _nonfinite
 from regext._dtensor import has_dtensor
+from regext._engines import distributed_active, zero3_in
 from regext._groups import PER_TENSOR
 from regext._validation import (check_no_self_overlap, coefficient, indices_by_device, label,
                                 materialize_params)
@@ -144,7 +145,12 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor
     l1 = coefficient(func, "l1", l1)
     l2 = coefficient(func, "l2", l2)
     grouping = _groups.grouping(func, group, group_weight, bool(l2_squared))
-    params = materialize_params(func, params)
+    params = materialize_params(func, params, zero3="partitions" if grouping.per_tensor else None)
+    if grouping.per_tensor and distributed_active() and zero3_in(params, partitioned_only=False):
+        # DeepSpeed ZeRO-3: into the gradient partitions, one all_reduce (regext._zero3).
+        from regext import _zero3
+        return _zero3.add_penalty_grad_(params, l1, l2, bool(l2_squared),
+                                        error_if_nonfinite=error_if_nonfinite, func=func)
     return add_penalty_grad_checked(func, params, l1, l2, bool(l2_squared),
                                     error_if_nonfinite=error_if_nonfinite, grouping=grouping)
 

@@ -5,6 +5,7 @@ import torch
 from regext import _batching  # noqa: F401  (vmap rules of the operators)
 from regext import _fastpath, _groups, _nonfinite, distributed, distributed_groups
 from regext._dtensor import functorch_error, has_dtensor
+from regext._engines import distributed_active, zero3_in
 from regext._groups import PER_TENSOR
 from regext._grad import (backward_grads, coefficient_grads, functorch_or_forward_ad,
                           penalty_jvp)
@@ -197,9 +198,15 @@ def fused_penalty(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor",
     l2 = coefficient(func, "l2", l2)
     l2_squared = bool(l2_squared)
     grouping = _groups.grouping(func, group, group_weight, l2_squared)
-    params, same_device = materialize_params_and_device(func, params)
+    params, same_device = materialize_params_and_device(
+        func, params, zero3="value" if grouping.per_tensor else None)
     if not params:
         return torch.zeros(())
+    if distributed_active() and zero3_in(params):
+        # DeepSpeed ZeRO-3 partitions: the value only, one all_reduce (regext._zero3).
+        from regext import _zero3
+        return _zero3.fused_penalty_value(params, l1, l2, l2_squared,
+                                          error_if_nonfinite=error_if_nonfinite, func=func)
     total = penalty_of_checked(params, l1, l2, l2_squared, same_device, grouping, func=func)
     if error_if_nonfinite:
         total = _nonfinite.checked_total(func, total, params, l1, l2, l2_squared)

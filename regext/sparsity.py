@@ -1,12 +1,14 @@
 """Sparsity reports: exact zeros per tensor and overall, and the all-zero rows and
 columns (neurons, filters, input channels that can be removed); fused passes per device."""
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from regext import _groups, distributed
 from regext._dtensor import has_dtensor
+from regext._engines import distributed_active, zero3_in
 from regext._named import named_tensors
 from regext._validation import indices_by_device
 
@@ -19,6 +21,9 @@ def _zero_counts(func, tensors):
     with torch.no_grad():
         if has_dtensor(tensors):
             return distributed.zero_counts_dtensor(tensors, func=func)
+        if distributed_active() and zero3_in(tensors):
+            from regext import _zero3  # DeepSpeed ZeRO-3 partitions: one all_reduce
+            return _zero3.zero_counts(tensors, func=func)
         for rows in indices_by_device(tensors):
             got = torch.ops.regext.count_zeros([tensors[i] for i in rows]).tolist()
             for i, c in zip(rows, got):
@@ -28,8 +33,9 @@ def _zero_counts(func, tensors):
 
 def _zero_slices(tensors, kind):
     """Per tensor, the indices of its all-zero slices along dim 0 (kind "row") or 1
-    ("column"): a tuple of ints, or None for tensors with fewer than 2 dims and for
-    DTensors. A slice is all zero when its float64 sum of |x| is 0 (NaN is not zero)."""
+    ("column"): a tuple of ints, or None for tensors with fewer than 2 dims, for
+    DTensors and for ZeRO-3 placeholders. A slice is all zero when its float64 sum of
+    |x| is 0 (NaN is not zero)."""
     out = [None] * len(tensors)
     grouping = _groups.Grouping(kind)
     plain = [i for i, t in enumerate(tensors) if t.dim() >= 2 and not has_dtensor([t])]
@@ -53,7 +59,7 @@ class TensorSparsity:
     ``zero_rows`` are the indices ``i`` with ``p[i]`` all zero (output neurons of a
     Linear, filters of a Conv), ``zero_columns`` those with ``p[:, j]`` all zero
     (input features, input channels); both None for tensors with fewer than 2
-    dims and for DTensors.
+    dims, for DTensors and for DeepSpeed ZeRO-3 parameters that are not gathered.
     """
     name: str
     shape: tuple
@@ -123,13 +129,18 @@ def sparsity_report(params) -> SparsityReport:
 
 
 def _report(func, params, slices=False) -> SparsityReport:
-    named = named_tensors(func, params)
+    named = named_tensors(func, params, zero3="partitions")
     tensors = [p for _, p in named]
     counts = _zero_counts(func, tensors)
     rows = _zero_slices(tensors, "row") if slices else [None] * len(tensors)
     columns = _zero_slices(tensors, "column") if slices else [None] * len(tensors)
-    per_tensor = tuple(TensorSparsity(name, tuple(p.shape), c, p.numel(), r, k)
-                       for (name, p), c, r, k in zip(named, counts, rows, columns))
+    shapes = [tuple(p.shape) for p in tensors]
+    if distributed_active() and zero3_in(tensors):
+        from regext import _zero3  # the placeholders' shapes are (0,)
+        shapes = [_zero3.whole_shape(p) for p in tensors]
+    per_tensor = tuple(TensorSparsity(name, shape, c, math.prod(shape), r, k)
+                       for (name, _), shape, c, r, k in zip(named, shapes, counts, rows,
+                                                             columns))
     return SparsityReport(zeros=sum(counts), numel=sum(t.numel for t in per_tensor),
                           per_tensor=per_tensor)
 

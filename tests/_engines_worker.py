@@ -31,6 +31,14 @@ def reference(model_factory=make_model):
     return float(regext.fused_penalty(model.parameters(), L1, L2))
 
 
+def failed():
+    """The current exception as a failed case, printed at once too: a rank that fails
+    can leave the other waiting in a collective until the deadline kills both."""
+    why = traceback.format_exc()
+    print(why, flush=True)
+    return {"status": "fail", "why": why}
+
+
 def expect_error(fn, *fragments):
     try:
         fn()
@@ -42,18 +50,20 @@ def expect_error(fn, *fragments):
     raise AssertionError("no error raised: a silently wrong result")
 
 
-def every_entry_point_refuses(model, *fragments):
+def every_entry_point_refuses(model, *fragments, supported=()):
     """fused_penalty, add_penalty_grad_, the prox operators, sparsity and Penalty all
-    raise before computing or modifying anything."""
+    raise before computing or modifying anything (except those in `supported`)."""
     import regext
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
     expect_error(lambda: regext.fused_penalty(params, L1, L2), "fused_penalty", *fragments)
-    expect_error(lambda: regext.add_penalty_grad_(params, L1, L2), "add_penalty_grad_",
-                 *fragments)
+    if "add_penalty_grad_" not in supported:
+        expect_error(lambda: regext.add_penalty_grad_(params, L1, L2), "add_penalty_grad_",
+                     *fragments)
     expect_error(lambda: regext.prox_l1_(params, 0.1), "prox_l1_", *fragments)
     expect_error(lambda: regext.prox_group_l2_(params, 0.1), "prox_group_l2_", *fragments)
-    expect_error(lambda: regext.sparsity(params), *fragments)
+    if "sparsity" not in supported:
+        expect_error(lambda: regext.sparsity(params), *fragments)
     expect_error(lambda: regext.Penalty(model, L1, L2), "Penalty", *fragments)
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b), "a refused call modified a parameter"
@@ -84,31 +94,195 @@ def fsdp1_cases(rank, world):
             expect_error(lambda: pen(), "FSDP1")
             out[name] = {"status": "ok", "why": f"{got} == {want}"}
         except Exception:
-            out[name] = {"status": "fail", "why": traceback.format_exc()}
+            out[name] = failed()
     return out
+
+
+def make_zero3_model():
+    """Sizes that exercise ZeRO-3's padding on 2 ranks: the 5-element bias and
+    weight split 3 + 2 (rank 1's partition ends in padding) and the 1-element bias
+    1 + 0 (rank 1 holds padding only)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+
+
+def zero3_inputs(world):
+    torch.manual_seed(1)
+    return torch.randn(world, 3, 6)
+
+
+def zero3_engine(world):
+    import deepspeed
+    model = make_zero3_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {"train_batch_size": 3 * world, "train_micro_batch_size_per_gpu": 3,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    return engine
+
+
+def poison_padding(module):
+    """Writes 100 into the padding of every partition (DeepSpeed leaves it
+    uninitialized): a penalty that read it would be far off."""
+    import torch.distributed as dist
+    poisoned = 0
+    for p in module.parameters():
+        size = p.ds_tensor.numel()
+        real = max(0, min(size, p.ds_numel - dist.get_rank(p.ds_process_group) * size))
+        if real < size:
+            p.ds_tensor.data[real:] = 100.0
+            poisoned += 1
+    return poisoned
+
+
+class CountAllReduce:
+    """Counts torch.distributed.all_reduce calls inside the block."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+        self.calls, self.original = 0, dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        dist.all_reduce = self.original
+
+
+def zero3_single_process_step(xs, penalty):
+    """The reference: one SGD step on the whole batch (the mean of the ranks' losses,
+    as DeepSpeed averages their gradients), with the penalty's gradient if asked, and
+    DeepSpeed's default gradient clipping (1.0; the norm includes the penalty's
+    gradient, which must be in ZeRO-3's partitions before engine.step computes it)."""
+    import regext
+    model = make_zero3_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = sum(model(x).pow(2).sum() for x in xs) / len(xs)
+    loss.backward()
+    if penalty:
+        regext.add_penalty_grad_(model.parameters(), L1, L2)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    assert norm > 1.0, norm  # clipping is active: it sees the penalty's gradient
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def zero3_cases(rank, world):
     import deepspeed
     import regext
-    want = reference()
+    out = {}
+    want = reference(make_zero3_model)
+    want_sq = float(regext.fused_penalty(make_zero3_model().parameters(), L1, L2,
+                                         l2_squared=True))
     try:
-        model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        config = {"train_batch_size": world, "zero_optimization": {"stage": 3},
-                  "zero_allow_untested_optimizer": True}
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        engine = zero3_engine(world)
         module = engine.module
-        every_entry_point_refuses(module, "ZeRO-3", "GatheredParameters", "NOT_AVAILABLE")
+        every_entry_point_refuses(module, "ZeRO-3", "GatheredParameters", "NOT_AVAILABLE",
+                                  supported=("add_penalty_grad_", "sparsity"))
+        # fused_penalty with autograd is refused, pointing at add_penalty_grad_.
+        expect_error(lambda: regext.fused_penalty(module.parameters(), L1, L2),
+                     "fused_penalty", "add_penalty_grad_", "torch.no_grad()", "dtype")
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params):
             got = float(regext.fused_penalty(params, L1, L2))
             got_pen = float(regext.Penalty(module, L1, L2)().detach())
         assert abs(got - want) <= 1e-6 * want, (got, want)
         assert abs(got_pen - want) <= 1e-6 * want, (got_pen, want)
-        return {"zero3": {"status": "ok", "why": f"{got} == {want}"}}
+        out["zero3"] = {"status": "ok", "why": f"{got} == {want}"}
     except Exception:
-        return {"zero3": {"status": "fail", "why": traceback.format_exc()}}
+        out["zero3"] = failed()
+        return out
+    try:
+        # The value on the partitions, outside GatheredParameters: one all_reduce.
+        layout = [(p.ds_numel, p.ds_tensor.numel()) for p in module.parameters()]
+        poisoned = poison_padding(module)
+        assert poisoned == (3 if rank == 1 else 0), (poisoned, layout)
+        with torch.no_grad(), CountAllReduce() as count:
+            got = float(regext.fused_penalty(module.parameters(), L1, L2))
+        with torch.no_grad():
+            got_sq = float(regext.fused_penalty(module.parameters(), L1, L2, l2_squared=True))
+        assert count.calls == 1, f"{count.calls} all_reduce calls"
+        assert abs(got - want) <= 1e-6 * want, (got, want)
+        assert abs(got_sq - want_sq) <= 1e-6 * want_sq, (got_sq, want_sq)
+        # A plain tensor with them: whole on every rank, its penalty added once.
+        extra = torch.tensor([3.0, -4.0])
+        with torch.no_grad():
+            got_mixed = float(regext.fused_penalty([extra] + list(module.parameters()), L1, L2))
+        want_mixed = want + L1 * 7.0 + L2 * 5.0
+        assert abs(got_mixed - want_mixed) <= 1e-6 * want_mixed, (got_mixed, want_mixed)
+        # add_penalty_grad_ refuses a plain tensor that requires grad among them, before
+        # any communication, naming it and what to do.
+        expect_error(lambda: regext.add_penalty_grad_(
+            list(module.parameters()) + [torch.ones(2, requires_grad=True)], L1, L2),
+            "add_penalty_grad_", "params[4]", "requires grad", "separately", "dtype")
+        out["zero3_value"] = {"status": "ok", "why": f"{got} == {want}, 1 all_reduce"}
+    except Exception:
+        out["zero3_value"] = failed()
+    try:
+        # One training step: engine.backward, add_penalty_grad_, engine.step equals the
+        # single-process step with the penalty's gradient.
+        xs = zero3_inputs(world)
+        with_penalty = zero3_single_process_step(xs, penalty=True)
+        without = zero3_single_process_step(xs, penalty=False)
+        assert min(float((a - b).abs().max()) for a, b in zip(with_penalty, without)) > 1e-3
+        loss = engine(xs[rank]).pow(2).sum()
+        engine.backward(loss)
+        statuses = {p.ds_status.name for p in module.parameters()}
+        with CountAllReduce() as count:
+            value = float(regext.add_penalty_grad_(module.parameters(), L1, L2))
+        assert count.calls == 1, f"{count.calls} all_reduce calls"
+        assert abs(value - want) <= 1e-6 * want, (value, want)
+        engine.step()
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            got = [p.detach().clone() for p in params]
+        for (name_p, _), g, w, wo in zip(module.named_parameters(), got, with_penalty, without):
+            err = float((g - w).abs().max())
+            assert err <= 1e-6, f"{name_p}: off by {err} (vs. no penalty: " \
+                                f"{float((g - wo).abs().max())})"
+        # The value of the stepped model, on its partitions, equals the reference's.
+        ref = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+        with torch.no_grad():
+            for p, w in zip(ref.parameters(), with_penalty):
+                p.copy_(w)
+            stepped = float(regext.fused_penalty(module.parameters(), L1, L2))
+        want_stepped = float(regext.fused_penalty(ref.parameters(), L1, L2).detach())
+        assert abs(stepped - want_stepped) <= 1e-6 * want_stepped, (stepped, want_stepped)
+        out["zero3_add_penalty_grad"] = {
+            "status": "ok", "why": f"statuses after backward {sorted(statuses)}; value {value}"}
+    except Exception:
+        out["zero3_add_penalty_grad"] = failed()
+    try:
+        # Exact zeros on the partitions: every other real element and all the padding
+        # set to 0; the report must count the real ones only (one all_reduce).
+        import torch.distributed as dist
+        for p in module.parameters():
+            size = p.ds_tensor.numel()
+            real = max(0, min(size, p.ds_numel - dist.get_rank(p.ds_process_group) * size))
+            p.ds_tensor.data[:real:2] = 0.0
+            p.ds_tensor.data[real:] = 0.0
+        with CountAllReduce() as count:
+            report = regext.sparsity_report(module)
+        assert count.calls == 1, f"{count.calls} all_reduce calls"
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            whole = [(n, p.detach().clone()) for n, p in module.named_parameters()]
+        want_report = regext.sparsity_report(whole)
+        got_rows = [(t.name, t.shape, t.zeros, t.numel) for t in report.per_tensor]
+        want_rows = [(t.name, t.shape, t.zeros, t.numel) for t in want_report.per_tensor]
+        assert got_rows == want_rows, (got_rows, want_rows)
+        assert report.zeros == want_report.zeros > 0 and report.numel == want_report.numel
+        assert all(t.zero_rows is None and t.zero_columns is None for t in report.per_tensor)
+        frac = regext.sparsity(module.parameters())
+        assert frac == want_report.fraction, (frac, want_report.fraction)
+        out["zero3_sparsity"] = {"status": "ok", "why": f"{report.zeros}/{report.numel} zeros"}
+    except Exception:
+        out["zero3_sparsity"] = failed()
+    return out
 
 
 def main():

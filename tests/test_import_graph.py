@@ -3,7 +3,7 @@
     leaves    _dtensor, _engines, _validation, _fastpath, _groups, _grad, _meta, _batching, reference, _named,
               no_decay, _nonfinite, _metric
     adapters  distributed (all DTensor logic), distributed_groups (the group lasso on
-              DTensors), penalty (autograd)
+              DTensors), _zero3 (DeepSpeed ZeRO-3 partitions), penalty (autograd)
     features  grad, prox, sparsity, optim, selection
     package   __init__
 
@@ -20,7 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "regext"
 LAYERS = [
     ["_dtensor", "_engines", "_validation", "_fastpath", "_groups", "_grad", "_meta", "_batching", "reference", "_named",
      "no_decay", "_nonfinite", "_metric"],
-    ["distributed", "distributed_groups", "penalty"],
+    ["distributed", "distributed_groups", "_zero3", "penalty"],
     ["grad", "prox", "sparsity", "optim", "selection"],
     ["__init__"],
 ]

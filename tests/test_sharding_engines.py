@@ -1,7 +1,10 @@
 """FSDP1 and DeepSpeed ZeRO-3 (issue 21): every entry point refuses parameters that
 are not whole, with an error naming the engine and what to do, before computing or
 modifying anything; inside FSDP.summon_full_params / deepspeed.zero.GatheredParameters
-the parameters are whole and the penalty is exact. Two gloo ranks on the CPU."""
+the parameters are whole and the penalty is exact. On ZeRO-3 partitions,
+add_penalty_grad_ (one training step equals the single-process step), fused_penalty's
+value under no_grad and the sparsity counts are exact with one all_reduce, with the
+partitions' padding poisoned. Two gloo ranks on the CPU."""
 
 import os
 import sys
@@ -22,7 +25,8 @@ WORKER = os.path.join(HERE, "_engines_worker.py")
 DEADLINE_S = {"fsdp1": 120, "zero3": 420}
 _RUNS = {}
 CASES = {"fsdp1": ["fsdp1_use_orig_params_True", "fsdp1_use_orig_params_False"],
-         "zero3": ["zero3"]}
+         "zero3": ["zero3", "zero3_value", "zero3_add_penalty_grad",
+                   "zero3_sparsity"]}
 
 
 @pytest.mark.parametrize("engine, case", [(e, c) for e, cs in CASES.items() for c in cs])

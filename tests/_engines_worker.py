@@ -282,7 +282,51 @@ def zero3_cases(rank, world):
         out["zero3_sparsity"] = {"status": "ok", "why": f"{report.zeros}/{report.numel} zeros"}
     except Exception:
         out["zero3_sparsity"] = failed()
+    try:
+        out["zero3_bf16"] = zero3_bf16_case(rank, world)
+    except Exception:
+        out["zero3_bf16"] = failed()
     return out
+
+
+def zero3_bf16_case(rank, world):
+    """bf16 parameters (their partitions bf16, the gradient partitions bf16 too, as
+    DeepSpeed accumulates them): add_penalty_grad_ adds the exact gradient of the
+    whole parameters, computed in float32 from the bf16 values; what lands in the
+    partition is that sum rounded to the partition's dtype, and nothing else."""
+    import deepspeed
+    import regext
+    from deepspeed.utils import safe_get_local_grad
+    import torch.distributed as dist
+    model = make_zero3_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {"train_batch_size": 3 * world, "train_micro_batch_size_per_gpu": 3,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    module = engine.module
+    engine.backward(engine(zero3_inputs(world)[rank].bfloat16()).float().pow(2).sum())
+    params = list(module.parameters())
+    before = [safe_get_local_grad(p).clone() for p in params]
+    value = float(regext.add_penalty_grad_(params, L1, L2))
+    after = [safe_get_local_grad(p).clone() for p in params]
+    with deepspeed.zero.GatheredParameters(params):
+        whole = [p.detach().float().clone().requires_grad_() for p in params]
+    want = regext.fused_penalty(whole, L1, L2)
+    grads = torch.autograd.grad(want, whole)
+    assert abs(value - float(want)) <= 1e-6 * float(want), (value, float(want))
+    for p, b, a, g in zip(params, before, after, grads):
+        assert p.ds_tensor.dtype == torch.bfloat16, p.ds_tensor.dtype
+        size = p.ds_tensor.numel()
+        real = max(0, min(size, p.ds_numel - dist.get_rank(p.ds_process_group) * size))
+        piece = g.flatten()[dist.get_rank(p.ds_process_group) * size:][:real]
+        exact = b[:real] + piece  # float32: safe_get_local_grad's dtype
+        # DeepSpeed 0.19 keeps bf16 gradient partitions (rounded); a float32 one: exact.
+        assert (torch.equal(a[:real], exact.bfloat16().float())
+                or float((a[:real] - exact).abs().max(initial=0.0)) <= 1e-6), (a[:real], exact)
+        assert torch.equal(a[real:], b[real:]), "the padding's gradient changed"
+        assert real == 0 or float(piece.abs().max()) > 1e-3  # the penalty did add
+    return {"status": "ok", "why": f"value {value}, gradient dtype {before[0].dtype}"}
 
 
 def main():

@@ -283,6 +283,22 @@ def zero3_cases(rank, world):
     except Exception:
         out["zero3_sparsity"] = failed()
     try:
+        # error_if_nonfinite: an inf in rank 0's piece only; the global rows make every
+        # rank raise the same error, naming the parameter with its whole shape.
+        first = next(iter(module.parameters()))
+        if rank == 0:
+            first.ds_tensor.data[0] = float("inf")
+        try:
+            with torch.no_grad():
+                regext.fused_penalty(module.parameters(), L1, L2, error_if_nonfinite=True)
+        except RuntimeError as e:
+            assert "params[0]" in str(e) and "(5, 6)" in str(e), str(e)
+        else:
+            raise AssertionError("no error for an infinite penalty")
+        out["zero3_nonfinite"] = {"status": "ok", "why": "raised on every rank"}
+    except Exception:
+        out["zero3_nonfinite"] = failed()
+    try:
         out["zero3_bf16"] = zero3_bf16_case(rank, world)
     except Exception:
         out["zero3_bf16"] = failed()

@@ -26,7 +26,8 @@ DEADLINE_S = {"fsdp1": 120, "zero3": 420}
 _RUNS = {}
 CASES = {"fsdp1": ["fsdp1_use_orig_params_True", "fsdp1_use_orig_params_False"],
          "zero3": ["zero3", "zero3_value", "zero3_add_penalty_grad",
-                   "zero3_sparsity", "zero3_bf16"]}
+                   "zero3_sparsity", "zero3_nonfinite",
+                   "zero3_bf16"]}
 
 
 @pytest.mark.parametrize("engine, case", [(e, c) for e, cs in CASES.items() for c in cs])

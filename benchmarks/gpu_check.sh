@@ -75,6 +75,11 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         opt.step()
         regext.prox_l1_(ps, 1e-4, metric=opt)
         regext.prox_l2_squared_(ps, 1e-4, metric=opt)
+        # The group lasso in the metric (group_metric_cuda.cu): rows and columns.
+        ws2 = [torch.randn(s, generator=g).to("cuda", dtype) for s in ((40, 300), (300, 40))]
+        vs2 = [torch.rand_like(w) for w in ws2]
+        cf2 = torch.tensor([[0.5, 0.0, 1.0, 1e-8]] * 2, dtype=torch.float64, device="cuda")
+        torch.ops.regext.prox_group_metric_(ws2, vs2, [], [0, 1], cf2, True)
         for p in ps:
             p.grad = None
     # The group lasso: long rows (pieces), short rows, strided columns (positions).
@@ -105,7 +110,7 @@ timeout 120 $PY benchmarks/bench_penalty.py --device cuda --quick --out "$OUT/be
 status "benchmark (--quick)" "rc=$? (bench.log, bench/results.json)"
 timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_metric_prox.py -k cuda \
   > "$OUT/tests_metric.log" 2>&1
-status "metric prox (cuda: no sync)" "$(tail -n 1 "$OUT/tests_metric.log")"
+status "metric prox, L1 and group (cuda)" "$(tail -n 1 "$OUT/tests_metric.log")"
 status "total" "$((SECONDS - start)) s"
 
 echo "==== benchmark table (tail) ===="

@@ -80,6 +80,11 @@ struct GroupGradRequest {
 //                                   threshold * w_g), from sums equal to
 //                                   group_stats_and_total's (the backend may compute
 //                                   them in the same pass); a factor of 1 leaves it untouched
+//   prox_group_metric(dense, moments, means, layouts, coefs)
+//                                   each group's proximal step in the metric
+//                                   (csrc/group_metric_math.h) with lam = coefs[t][0] * w_g
+//                                   and d from moments/means as prox_metric's; a row
+//                                   with coefs[t][0] = 0 leaves dense[t] untouched
 // and say in kSamePassSquaredAccumulate whether they also have
 //   stats_total_and_accumulate_squared(dense, targets, stats, total, l1, l2)
 //                                   stats_and_total(l2_squared = true) and, in the
@@ -110,6 +115,9 @@ struct CpuBackend {
   static void group_grads(const GroupGradRequest& request);
   static void prox_group_lasso(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                                const at::Tensor& threshold);
+  static void prox_group_metric(at::ArrayRef<at::Tensor> dense, at::ArrayRef<at::Tensor> moments,
+                                at::ArrayRef<at::Tensor> means, at::ArrayRef<GroupLayout> layouts,
+                                const at::Tensor& coefs);
 };
 
 struct CudaBackend {
@@ -132,6 +140,9 @@ struct CudaBackend {
   static void group_grads(const GroupGradRequest& request);
   static void prox_group_lasso(at::ArrayRef<at::Tensor> dense, at::ArrayRef<GroupLayout> layouts,
                                const at::Tensor& threshold);
+  static void prox_group_metric(at::ArrayRef<at::Tensor> dense, at::ArrayRef<at::Tensor> moments,
+                                at::ArrayRef<at::Tensor> means, at::ArrayRef<GroupLayout> layouts,
+                                const at::Tensor& coefs);
 };
 
 }  // namespace regext

@@ -122,4 +122,32 @@ void prox_group_lasso_(at::TensorList params, at::IntArrayRef group_dims,
   });
 }
 
+// The group lasso's proximal step in an optimizer's metric (csrc/group_metric_math.h):
+// coefs rows as prox_metric_'s, with l1_step the group threshold step (times w_g per
+// group) and ridge_step 0 (checked on the CPU; the group step has no ridge term).
+template <typename Backend>
+void prox_group_metric_(at::TensorList params, at::TensorList moments, at::TensorList means,
+                        at::IntArrayRef group_dims, const at::Tensor& coefs, bool sqrt_size) {
+  constexpr const char* op = "regext::prox_group_metric_";
+  const c10::Device device = check_metric_arguments(op, params, moments, means, coefs);
+  check_group_dims(op, group_dims, params.size());
+  if (device.is_cpu()) {
+    const double* c = coefs.const_data_ptr<double>();
+    for (size_t t = 0; t < params.size(); ++t) {
+      TORCH_CHECK_VALUE(c[t * kMetricColumns + 1] == 0.0, op, ": coefs[", t,
+                        "][1] (ridge_step) must be 0, got ", c[t * kMetricColumns + 1],
+                        "; the group lasso's step has no ridge term (apply prox_metric_ for it)");
+    }
+  }
+  update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t first) {
+    const size_t n = dense.size();
+    const std::vector<at::Tensor> v = laid_out_like(moments.slice(first, n), dense);
+    const std::vector<at::Tensor> m =
+        means.empty() ? std::vector<at::Tensor>{} : laid_out_like(means.slice(first, n), dense);
+    Backend::prox_group_metric(
+        dense, v, m, group_layouts(op, dense, group_dims.slice(first, n), sqrt_size),
+        coefs.narrow(0, static_cast<int64_t>(first), static_cast<int64_t>(n)));
+  });
+}
+
 }  // namespace regext

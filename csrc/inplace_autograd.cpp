@@ -70,7 +70,7 @@ void inplace_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 constexpr const char* kInplaceOps[] = {
     "penalty_grad_accumulate_", "penalty_forward_accumulate_",    "prox_l1_",
     "prox_group_l2_",           "group_penalty_grad_accumulate_", "prox_group_lasso_",
-    "prox_metric_"};
+    "prox_metric_",             "prox_group_metric_"};
 
 }  // namespace
 

@@ -134,10 +134,11 @@ inline void check_metric_coefs(const char* op, const at::Tensor& coefs, int64_t 
   }
 }
 
-template <typename Backend>
-void prox_metric_(at::TensorList params, at::TensorList moments, at::TensorList means,
-                  const at::Tensor& coefs) {
-  constexpr const char* op = "regext::prox_metric_";
+// The arguments every metric step shares: the parameters it writes (returns their
+// device), the state it reads (separate from them), the coefs table.
+inline c10::Device check_metric_arguments(const char* op, at::TensorList params,
+                                          at::TensorList moments, at::TensorList means,
+                                          const at::Tensor& coefs) {
   const c10::Device device = check_mutable_list(op, params);
   check_state_list(op, "moments", moments, params, device);
   if (!means.empty()) check_state_list(op, "means", means, params, device);
@@ -147,6 +148,14 @@ void prox_metric_(at::TensorList params, at::TensorList moments, at::TensorList 
     TORCH_CHECK_VALUE(r < 0, op, ": ", arg, "[", r, "] shares memory with params[", w,
                       "], which the step writes; the state it reads must be separate tensors");
   }
+  return device;
+}
+
+template <typename Backend>
+void prox_metric_(at::TensorList params, at::TensorList moments, at::TensorList means,
+                  const at::Tensor& coefs) {
+  constexpr const char* op = "regext::prox_metric_";
+  check_metric_arguments(op, params, moments, means, coefs);
   update_in_place(params, [&](const std::vector<at::Tensor>& dense, size_t first) {
     const size_t n = dense.size();
     const std::vector<at::Tensor> v = laid_out_like(moments.slice(first, n), dense);

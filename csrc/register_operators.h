@@ -24,6 +24,7 @@ void register_operators(torch::Library& m) {
   m.impl("group_penalty_backward", &group_penalty_backward<Backend>);
   m.impl("group_penalty_grad_accumulate_", &group_penalty_grad_accumulate_<Backend>);
   m.impl("prox_group_lasso_", &prox_group_lasso_<Backend>);
+  m.impl("prox_group_metric_", &prox_group_metric_<Backend>);
 }
 
 }  // namespace regext

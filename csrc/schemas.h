@@ -79,6 +79,13 @@ inline void define_operators(torch::Library& m) {
   m.def(
       "prox_group_lasso_(Tensor(a!)[] params, int[] group_dims, Tensor threshold,"
       " bool sqrt_size) -> ()");
+  // The group lasso's proximal step in an optimizer's diagonal metric, in place, in
+  // list order (csrc/group_metric_math.h; regext.prox_group_l2_ with metric=):
+  // moments, means and coefs as prox_metric_'s (coefs[t][0] the group threshold
+  // step, coefs[t][1] 0), groups as prox_group_lasso_'s.
+  m.def(
+      "prox_group_metric_(Tensor(a!)[] params, Tensor[] moments, Tensor[] means,"
+      " int[] group_dims, Tensor coefs, bool sqrt_size) -> ()");
 }
 
 }  // namespace regext

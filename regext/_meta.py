@@ -71,6 +71,11 @@ def _prox_metric_fake(params, moments, means, coefs):
                  lambda: f"regext: coefs must be a float64 [{len(params)}, 4] tensor on {device}")
 
 
+@torch.library.register_fake("regext::prox_group_metric_")
+def _prox_group_metric_fake(params, moments, means, group_dims, coefs, sqrt_size):
+    _prox_metric_fake(params, moments, means, coefs)
+
+
 @torch.library.register_fake("regext::count_zeros")
 def _count_zeros_fake(params):
     return torch.empty((len(params),), dtype=torch.int64, device=_device_of(params))

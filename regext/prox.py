@@ -111,9 +111,10 @@ def prox_group_l2_(params, threshold, *, group="tensor", group_weight=None, metr
     solves the scalar equation ``Σ_i (d_i x_i / (d_i τ + λ))² = 1`` (decreasing in
     τ), solved by Newton's method on ``φ(τ)^(-1/2) = 1`` from a lower bound (the
     function is concave, so the iterates increase to the root; float64 round-off).
-    A group holding NaN or inf is left unchanged. **Not fused**: float64 torch
-    operations per tensor (about ten passes over each group), a slower path than the
-    Euclidean kernel; on CUDA one host synchronization per Newton iteration.
+    A group holding NaN or inf is left unchanged. One fused pass per device
+    (``regext::prox_group_metric_``, csrc/group_metric_math.h): each group's elements
+    and state are read once into float64, Newton's 4-6 iterations run there, and the
+    group is written once; on CUDA one block per group, no host synchronization.
     ``metric`` and its errors as in :func:`prox_l1_`.
     """
     func = "prox_group_l2_"
@@ -246,74 +247,15 @@ def prox_metric_checked(func, params, metric, l1_step, ridge_step, names=None):
 
 def prox_group_l2_metric_checked(func, params, metric, threshold, names=None,
                                  grouping=PER_TENSOR):
-    """The group lasso's proximal step in `metric`, with float64 torch operations (see
-    prox_group_l2_'s docstring)."""
+    """The group lasso's proximal step in `metric` (see prox_group_l2_'s docstring):
+    one regext::prox_group_metric_ call per device (and centered or not)."""
     check_no_dtensor_groups(func, params)
+    zero = None
     with torch.no_grad():
         for terms in metric.terms(func, params, names):
-            lam = threshold.to(device=terms.eps.device, dtype=torch.float64) * terms.step_factor
-            means = terms.means or [None] * len(terms.params)
-            for k, p in enumerate(terms.params):
-                if p.numel() == 0:
-                    continue
-                d = metric_denominators(terms.moments[k], means[k], terms.scale[k], terms.eps[k])
-                x = grouping.rows_of(p.to(torch.float64))
-                rows_d = grouping.rows_of(d)
-                weight = (x.shape[1] ** 0.5) if grouping.sqrt_size else 1.0
-                u = group_lasso_in_metric(x, rows_d, lam[k] * weight)
-                if p.dtype != torch.float64:
-                    u = u.to(torch.float32)  # then to p's dtype: the kernels' rounding
-                p.copy_(grouping.from_rows(u, p))
-
-
-def metric_denominators(moment, mean, scale, eps):
-    """d = sqrt(max(v − m², 0))·scale + eps, float64 (csrc/penalty_math.h)."""
-    v = moment.to(torch.float64)
-    if mean is not None:
-        v = v - mean.to(torch.float64).square()
-        v = torch.where(v < 0, torch.zeros_like(v), v)
-    return v.sqrt() * scale + eps
-
-
-def group_lasso_in_metric(x, d, lam, max_iterations=100):
-    """argmin_u lam·‖u_g‖₂ + ½ Σ_i d_i (u_i − x_i)² for every row g of `x` (float64
-    [groups, n]; `d` > 0 of the same shape, `lam` a 0-dim tensor >= 0).
-
-    Optimality (u_i ≠ 0): d_i (u_i − x_i) + lam·u_i/τ = 0 with τ = ‖u‖, so
-    u_i = x_i·τ/(τ + c_i), c_i = lam/d_i, and τ is the root of
-    φ(τ) = Σ_i (x_i/(τ + c_i))² = 1; u = 0 iff φ(0) = ‖d ∘ x‖²/lam² ≤ 1. h = φ^(-1/2)
-    is increasing and concave in τ, so Newton's method on h(τ) = 1 started below the
-    root (τ₀ = max(0, ‖x‖ − max c)) increases monotonically to it, quadratically near
-    it (4-6 iterations on weights of a trained layer); the iteration stops when no row
-    would move by more than float64 round-off. Rows holding NaN or inf are returned
-    unchanged.
-    """
-    # Whole-tensor temporaries are reused (in-place ops, out=): a fresh allocation of
-    # this size is mapped and zeroed page by page, which cost more than the arithmetic.
-    finite = torch.isfinite(x).all(dim=1, keepdim=True)
-    keep = (lam == 0) | ~finite
-    xs = torch.where(finite, x, 0.0)
-    c = torch.div(lam, d)  # +inf where d = 0: that coordinate is 0 in u
-    work = torch.mul(d, xs)
-    zero = work.square_().sum(dim=1, keepdim=True) <= lam * lam
-    norm = torch.mul(xs, xs, out=work).sum(dim=1, keepdim=True).sqrt_()
-    c_max = torch.where(xs != 0, c, 0.0).amax(dim=1, keepdim=True)
-    tau = (norm - c_max).clamp_min_(0.0)
-    active = ~(zero | keep)
-    r = torch.empty_like(xs)
-    for _ in range(max_iterations):
-        torch.add(c, tau, out=r).reciprocal_()            # 1/(τ + c)
-        q2 = torch.mul(xs, r, out=work).square_()          # x²/(τ + c)²
-        phi = q2.sum(dim=1, keepdim=True)
-        cubes = q2.mul_(r).sum(dim=1, keepdim=True)        # Σ x²/(τ+c)³ = -φ'/2
-        # Newton on h = φ^(-1/2) = 1: τ + (1 − h)/h', h' = φ^(-3/2)·Σ x²/(τ+c)³.
-        step = (phi.pow(1.5) - phi) / torch.where(cubes > 0, cubes, 1.0)
-        # Converged once no row would move by more than float64 round-off (4 ulps):
-        # from there rounding alone makes the steps, in either direction.
-        moved = active & (step > tau * 2.0 ** -50)
-        tau = torch.where(moved, tau + step, tau)
-        if not bool(moved.any()):
-            break
-    u = torch.add(c, tau, out=r).reciprocal_().mul_(tau).mul_(xs)  # x·τ/(τ + c)
-    u.masked_fill_(zero, 0.0)
-    return torch.where(keep, x, u)
+            if zero is None or zero.device != threshold.device:
+                zero = zero_like(threshold)
+            means = terms.means or []
+            torch.ops.regext.prox_group_metric_(
+                terms.params, terms.moments, means, grouping.dims(terms.params),
+                terms.coefs(threshold, zero), grouping.sqrt_size)

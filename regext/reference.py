@@ -183,3 +183,61 @@ def prox_group_lasso_reference(params, group_dims, threshold, sqrt_size=False):
                   p.to(product)).reshape(rows.shape) * scale.to(product)
         scaled = scaled.reshape(shape)
         p.copy_(scaled.movedim(0, dim) if dim >= 0 and p.dim() >= 2 else scaled)
+
+
+def prox_group_metric_reference(params, moments, means, group_dims, coefs, sqrt_size=False):
+    """The group lasso's proximal step in an optimizer's diagonal metric, in place, in
+    list order (csrc/group_metric_math.h has the derivation): for each group g of
+    params[t] (groups as prox_group_lasso_reference's), with d from moments[t] and
+    means[t] (``means`` empty: none) and coefs[t] = (l1_step, 0, scale, eps) as
+    prox_metric_reference's, lam = l1_step·w_g:
+    ``u = argmin lam·‖u‖₂ + ½ Σ_i d_i (u_i − x_i)²``, float64, rounded once (through
+    float32 for the half types). Groups holding NaN or inf, and rows with l1_step 0,
+    are left as they are."""
+    for t, p in enumerate(params):
+        l1_step, _, scale, eps = (float(c) for c in coefs[t].cpu())
+        if l1_step == 0 or p.numel() == 0:
+            continue
+        dim = group_dims[t]
+        d = metric_denominator_reference(moments[t], means[t] if means else None, scale, eps)
+        x = group_rows_reference(p, dim)
+        rows_d = group_rows_reference(d, dim)
+        weight = x.shape[1] ** 0.5 if sqrt_size else 1.0
+        u = group_lasso_in_metric_reference(x, rows_d, torch.tensor(l1_step * weight,
+                                                                    dtype=torch.float64))
+        if p.dtype != torch.float64:
+            u = u.to(torch.float32)
+        grouped = dim >= 0 and p.dim() >= 2
+        shape = p.movedim(dim, 0).shape if grouped else p.shape
+        u = u.reshape(shape)
+        p.copy_(u.movedim(0, dim) if grouped else u)
+
+
+def group_lasso_in_metric_reference(x, d, lam, max_iterations=100):
+    """argmin_u lam·‖u_g‖₂ + ½ Σ_i d_i (u_i − x_i)² for every row g of `x` (float64
+    [groups, n]; `d` >= 0 of the same shape, `lam` a 0-dim float64 tensor >= 0), by
+    Newton's method on τ = ‖u_g‖ (csrc/group_metric_math.h): u_i = x_i·τ/(τ + c_i)
+    with c_i = lam/d_i, τ the root of Σ_i (x_i/(τ + c_i))² = 1, and u = 0 iff
+    ‖d ∘ x‖ ≤ lam. Rows holding NaN or inf are returned unchanged."""
+    finite = torch.isfinite(x).all(dim=1, keepdim=True)
+    keep = (lam == 0) | ~finite
+    xs = torch.where(finite, x, 0.0)
+    c = torch.full_like(d, float(lam)) / d  # +inf where d = 0: that coordinate is 0 in u
+    zero = (d * xs).square().sum(dim=1, keepdim=True) <= lam * lam
+    norm = xs.square().sum(dim=1, keepdim=True).sqrt()
+    c_max = torch.where(xs != 0, c, 0.0).amax(dim=1, keepdim=True)
+    tau = (norm - c_max).clamp_min(0.0)
+    active = ~(zero | keep)
+    for _ in range(max_iterations):
+        r = 1.0 / (c + tau)
+        q2 = (xs * r).square()
+        phi = q2.sum(dim=1, keepdim=True)
+        cubes = (q2 * r).sum(dim=1, keepdim=True)
+        step = (phi * phi.sqrt() - phi) / torch.where(cubes > 0, cubes, 1.0)
+        moved = active & (step > tau * 2.0 ** -50)
+        tau = torch.where(moved, tau + step, tau)
+        if not bool(moved.any()):
+            break
+    u = (1.0 / (c + tau)) * tau * xs
+    u = u.masked_fill(zero, 0.0)
+    return torch.where(keep, x, u)

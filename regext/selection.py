@@ -575,8 +575,8 @@ class Penalty:
         stepped these parameters: the same proximal map in that optimizer's diagonal
         metric (Adam, AdamW, Adagrad, RMSprop; see :func:`regext.prox_l1_`), which is
         what :meth:`attach` does by default. The L1 and squared-L2 parts are one fused
-        pass over each parameter and its optimizer state; the group lasso part is the
-        slower float64 path of :func:`regext.prox_group_l2_`. The composition is exact
+        pass over each parameter and its optimizer state; the group lasso part is one
+        more fused pass (:func:`regext.prox_group_l2_`). The composition is exact
         in the metric too: its soft-thresholding, then its group step, is the proximal
         map of the sum.
         """

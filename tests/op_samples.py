@@ -14,6 +14,7 @@ import torch
 
 from regext.reference import (count_zeros_reference, group_rows_reference,
                               prox_group_l2_reference, prox_group_lasso_reference,
+                              prox_group_metric_reference,
                               prox_l1_reference, prox_metric_reference)
 
 from conftest import scalar
@@ -228,6 +229,29 @@ def group_prox_samples(gen, device):
     return out
 
 
+def group_metric_samples(gen, device):
+    """The group layouts of group_prox_samples with second moments (exact zeros in
+    one tensor, eps 0 in its row: coordinates whose c is infinite) and means; rows
+    that zero some groups and not others, a large scale, and a row of 0 (untouched)."""
+    out = []
+    for dtype in DTYPES:
+        for shift, sqrt_size in ((0, False), (1, True)):
+            params = group_sample_params(gen, device, dtype)
+            moments = [(1e-3 * torch.rand(p.shape, generator=gen, dtype=torch.float64))
+                       .to(dtype).contiguous().to(device) for p in params]
+            moments[4][::3] = 0.0
+            means = [(0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+                     .to(dtype).to(device) for p in params]
+            steps = [0.05, 0.02, 0.0, 0.1, 0.01, 0.2, 0.03, 0.01, 0.002, 0.05, 0.004, 0.3]
+            rows = [[s * (0.1 if sqrt_size else 1.0), 0.0, 30.0 if t == 6 else 1.0,
+                     0.0 if t == 4 else 1e-8] for t, s in enumerate(steps[:len(params)])]
+            coefs = torch.tensor(rows, dtype=torch.float64, device=device)
+            dims = group_dims_for(params, shift)
+            out.append((params, moments, [], dims, coefs, sqrt_size))
+            out.append((params, moments, means, dims, coefs, sqrt_size))
+    return out
+
+
 def ref_group_forward(params, dims, l1, l2, sqrt_size):
     rows = [group_rows_reference(p, d) for p, d in zip(params, dims)]
     stats = torch.cat([torch.stack([r.abs().sum(dim=1), r.pow(2).sum(dim=1)], dim=1)
@@ -286,6 +310,7 @@ OPS = {
     "group_penalty_grad_accumulate_": OpEntry(group_grad_accumulate_samples, (0,),
                                               ref_group_grad_accumulate_),
     "prox_group_lasso_": OpEntry(group_prox_samples, (0,), prox_group_lasso_reference),
+    "prox_group_metric_": OpEntry(group_metric_samples, (0,), prox_group_metric_reference),
 }
 
 

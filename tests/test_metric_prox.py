@@ -520,7 +520,7 @@ def test_group_lasso_attached_equals_an_independent_float64_solver(group):
 
 
 def test_group_lasso_in_a_constant_metric_is_the_euclidean_step():
-    from regext.prox import group_lasso_in_metric
+    from regext.reference import group_lasso_in_metric_reference as group_lasso_in_metric
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(50, 12, generator=gen, dtype=torch.float64)
     d = torch.full_like(x, 4.0)
@@ -563,6 +563,33 @@ def test_cuda_metric_step_equals_the_reference_without_synchronizing(variant):
             d, f = reference_denominators(opt, p)
             want = reference_step(before[id(p)].cpu(), d.cpu(), opt.param_groups[0]["lr"] * f, L1)
             assert_matches(p.detach().cpu(), want, f"cuda {variant}, {name}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("group", ["row", "column", "tensor"])
+def test_cuda_group_lasso_metric_step_equals_the_cpu_without_synchronizing(group):
+    """regext::prox_group_metric_ on the GPU (group_metric_cuda.cu): the same zeros as
+    the CPU kernel and values within float64 round-off, with no host synchronization."""
+    gen = torch.Generator().manual_seed(12)
+    params = [torch.randn(s, generator=gen) for s in ((64, 300), (300, 40), (16, 8, 3, 3), (7,))]
+    moments = [torch.rand(p.shape, generator=gen) for p in params]
+    dims = [{"row": 0, "column": 1, "tensor": -1}[group]] * len(params)
+    coefs = torch.tensor([[s, 0.0, 1.0, 1e-8] for s in (0.3, 2.0, 1.0, 0.5)],
+                         dtype=torch.float64)
+    want = [p.clone() for p in params]
+    torch.ops.regext.prox_group_metric_(want, moments, [], dims, coefs, True)
+    got = [p.cuda() for p in params]
+    moments_cuda, coefs_cuda = [v.cuda() for v in moments], coefs.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.regext.prox_group_metric_(got, moments_cuda, [], dims, coefs_cuda, True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for g, w in zip(got, want):
+        g = g.cpu()
+        assert torch.equal(g == 0, w == 0)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
 def test_the_benchmark_runs_and_checks_itself(tmp_path):

@@ -44,6 +44,11 @@ struct MissingCudaBackend {
                                const at::Tensor&) {
     no_cuda_kernels();
   }
+  static void prox_group_metric(at::ArrayRef<at::Tensor>, at::ArrayRef<at::Tensor>,
+                                at::ArrayRef<at::Tensor>, at::ArrayRef<GroupLayout>,
+                                const at::Tensor&) {
+    no_cuda_kernels();
+  }
 };
 
 }  // namespace

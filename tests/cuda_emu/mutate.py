@@ -98,12 +98,26 @@ MUTANTS = {
     "metric_uncentered": (
         "metric_cuda.cu", "metric_denominator<kCentered>(", "metric_denominator<false>(",
         "address", "the metric step ignores centered RMSprop's means (sqrt(v), not sqrt(v - m^2))"),
+    "group_metric_broadcast": (
+        "group_metric_cuda.cu", "    __syncthreads();\n    const bool moves = shared_moves;",
+        "    const bool moves = shared_moves;", "address",
+        "the group metric step reads tau before thread 0 has broadcast it"),
+    "group_metric_row": (
+        "group_metric_cuda.cu", "l.weight,\n                                      static_cast<int32_t>(t)};",
+        "l.weight,\n                                      static_cast<int32_t>(j)};", "address",
+        "the group metric step reads the coefficient row of the tensor's place in its batch"),
+    "group_metric_zero_test": (
+        "group_metric_cuda.cu", "if (shared_sums[1] <= lam * lam) {",
+        "if (shared_sums[0] <= lam * lam) {", "address",
+        "the group metric step zeroes a group by ||x|| instead of ||d o x||"),
 }
 
 # A test file run first for a mutant, in its own pytest run (pytest collects a file
 # given beside its folder in folder order); the whole harness runs after it if it
 # passes, as for every mutant. A mutant of one kernel is then reported in minutes.
 FIRST = {name: "test_emulated_metric.py" for name in MUTANTS if name.startswith("metric_")}
+FIRST.update({name: "test_emulated_group_metric.py" for name in MUTANTS
+              if name.startswith("group_metric_")})
 
 PRELOAD = {
     "address": lambda: [_gcc_file("libasan.so"), _gcc_file("libstdc++.so")],

@@ -614,3 +614,24 @@ def test_the_benchmark_runs_and_checks_itself(tmp_path):
                                       "metric_prox", "euclidean_prox"}
     assert data["ratio_step_metric_prox"] > 0 and data["gbps"]["metric_prox"] > 0
     assert "step+metric_prox / step = " in proc.stdout
+
+
+def test_the_group_benchmark_runs_and_checks_itself(tmp_path):
+    """benchmarks/bench_group_metric.py on two small weights, one round: it checks the
+    fused step against the float64 reference before timing (no speed is asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_group_metric.py"),
+                           "--tensors", "2", "--size", "128", "--repeats", "1", "--warmup", "0",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["check_against_float64_reference"] is True
+    assert set(data["median_ms"]) == {"fused", "reference", "euclidean"}
+    assert 0 < data["zero_rows"] < 256 and data["gbps_fused"] > 0

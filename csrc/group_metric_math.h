@@ -12,15 +12,14 @@
 // d_i (u_i - x_i) + lam u_i / tau = 0 gives u_i = x_i tau / (tau + c_i), and tau is
 // the root of phi(tau) = sum_i (x_i / (tau + c_i))^2 = 1. h = phi^(-1/2) is
 // increasing and concave in tau, so Newton's method on h(tau) = 1 started below the
-// root, at tau_0 = max(0, ||x|| - max_{x_i != 0} c_i) (there every |x_i|/(tau+c_i)
-// >= |x_i|/||x||, so phi >= 1), increases monotonically to it, quadratically near
-// it: 4-6 iterations on the weights of a trained layer. The step in tau is
+// root (group_metric_start) increases monotonically to it, quadratically near it:
+// 4-6 iterations on the weights of a trained layer. The step in tau is
 //     (1 - h) / h' = (phi^(3/2) - phi) / sum_i x_i^2 / (tau + c_i)^3,
 // and the iteration stops when no longer moving tau by more than 2^-50 of itself
 // (float64 round-off: from there rounding alone makes the steps) or after
-// kMaxNewtonIterations. With d_i = 0 (eps = 0, v_i = 0) c_i = inf and u_i = 0.
-// A group holding NaN or inf is left unchanged (as the Euclidean step leaves a
-// non-finite norm's group); lam = 0 leaves every group unchanged.
+// kMaxNewtonIterations. With d_i = 0 (eps = 0, v_i = 0) c_i = inf and u_i = 0;
+// with d_i = +inf (v_i = inf) c_i = 0 and u_i = x_i. lam = 0 leaves every group
+// unchanged; group_metric_case says what NaN, inf and overflow do.
 //
 // Everything is float64 for every dtype: the zero decision compares two sums of
 // squares and the root needs float64 round-off to meet rtol 1e-5 after the
@@ -42,19 +41,66 @@ C10_HOST_DEVICE inline bool is_finite_value(double x) {
   return x - x == 0.0;
 }
 
-// tau_0 from ||x||^2 and max c_i over the nonzero x_i.
-C10_HOST_DEVICE inline double group_metric_start(double sum_sq, double c_max) {
-  const double tau = ::sqrt(sum_sq) - c_max;
-  return tau > 0.0 ? tau : 0.0;
+// What the first read of a group gathers, element by element (then summed, or the
+// maximum taken, across threads or lanes).
+struct GroupMetricStart {
+  double sum_sq = 0.0;      // sum x^2
+  double sum_sq_dx = 0.0;   // sum (d x)^2 over the nonzero x
+  double c_max = 0.0;       // max c over the nonzero x (NaN ignored)
+  double best_single = 0.0; // max(0, max |x_i| - c_i) over the nonzero x
+  double bad_x = 0.0;       // elements that are NaN or +-inf
+  double nan_d = 0.0;       // elements whose denominator is NaN (a NaN moment or mean)
+};
+C10_HOST_DEVICE inline void add_start_terms(GroupMetricStart& s, double x, double d, double c) {
+  if (!is_finite_value(x)) {
+    s.bad_x += 1.0;
+    return;
+  }
+  if (d != d) s.nan_d += 1.0;
+  if (x == 0.0) return;  // adds 0 to every sum: skipped, so that 0 * inf never arises
+  s.sum_sq += x * x;
+  const double dx = d * x;
+  s.sum_sq_dx += dx * dx;
+  if (c > s.c_max) s.c_max = c;
+  const double single = (x < 0.0 ? -x : x) - c;
+  if (single > s.best_single) s.best_single = single;
 }
 
-// One element's terms of phi and of sum x^2 / (tau + c)^3.
+// What becomes of a group, from its start sums:
+//  - NaN or inf among its x: unchanged (as the Euclidean step leaves a group whose
+//    norm is not finite);
+//  - a NaN denominator (the optimizer's state holds NaN): every element NaN, as the
+//    per-coordinate metric step makes that coordinate NaN (the metric is undefined);
+//  - sum x^2 beyond float64's range (|x| near 1e154): unchanged, as above;
+//  - ||d o x|| <= lam: zero; otherwise solved by Newton's method.
+enum class GroupMetricCase : int { kUnchanged, kNaN, kZero, kSolve };
+C10_HOST_DEVICE inline GroupMetricCase group_metric_case(const GroupMetricStart& s, double lam) {
+  if (s.bad_x > 0.0) return GroupMetricCase::kUnchanged;
+  if (s.nan_d > 0.0) return GroupMetricCase::kNaN;
+  if (!is_finite_value(s.sum_sq)) return GroupMetricCase::kUnchanged;
+  if (s.sum_sq_dx <= lam * lam) return GroupMetricCase::kZero;
+  return GroupMetricCase::kSolve;
+}
+
+// tau_0, a lower bound of the root: phi(tau) >= ||x||^2 / (tau + c_max)^2 and
+// phi(tau) >= x_i^2 / (tau + c_i)^2 for every i, so phi >= 1 at both
+// ||x|| - c_max and |x_i| - c_i. The second keeps tau_0 > 0 when a nonzero x_i has
+// c_i = 0 (d_i = +inf: a coordinate the metric does not move), where tau = 0 would
+// divide by 0, and near the root when c spans many decades.
+C10_HOST_DEVICE inline double group_metric_start(const GroupMetricStart& s) {
+  const double tau = ::sqrt(s.sum_sq) - s.c_max;
+  return tau > s.best_single ? tau : s.best_single;
+}
+
+// One element's terms of phi and of sum x^2 / (tau + c)^3 (0 for x = 0).
 struct NewtonSums {
   double phi = 0.0;
   double cubes = 0.0;
 };
 C10_HOST_DEVICE inline void add_newton_terms(NewtonSums& s, double x, double c, double tau) {
-  const double r = 1.0 / (tau + c);
+  // A select, not a branch (the CPU loop stays vectorizable): tau + c may be 0 where
+  // x = 0 (c = 0 and tau = 0), and 0 * (1 / 0) would be NaN.
+  const double r = x == 0.0 ? 0.0 : 1.0 / (tau + c);
   const double q = x * r;
   const double q2 = q * q;
   s.phi += q2;
@@ -71,8 +117,15 @@ C10_HOST_DEVICE inline bool newton_moves(double step, double tau) {
   return step > tau * 0x1p-50;
 }
 
-// u_i from the root tau.
+// A step that is NaN or +inf: the sums left float64's range (coordinates whose
+// denominators span some 600 decades); the group is then left unchanged.
+C10_HOST_DEVICE inline bool newton_failed(double step) {
+  return !is_finite_value(step);
+}
+
+// u_i from the root tau (x = 0 stays as it is).
 C10_HOST_DEVICE inline double group_metric_value(double x, double c, double tau) {
+  if (x == 0.0) return x;
   return (1.0 / (tau + c)) * tau * x;
 }
 

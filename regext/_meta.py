@@ -69,6 +69,11 @@ def _prox_metric_fake(params, moments, means, coefs):
     torch._check(coefs.dtype == torch.float64 and tuple(coefs.shape) == (len(params), 4)
                  and coefs.device == device,
                  lambda: f"regext: coefs must be a float64 [{len(params)}, 4] tensor on {device}")
+    for arg, state in (("moments", moments), ("means", means)):
+        for t, s in enumerate(state):
+            torch._check(s.device == device,
+                         lambda: f"regext: {arg}[{t}] is on {s.device} but the parameters are "
+                                 f"on {device}")
 
 
 @torch.library.register_fake("regext::prox_group_metric_")

@@ -105,13 +105,19 @@ class OptimizerMetric:
         self.check_holds(func, params, names)
         group_of = self._groups()
         parts = {}
-        for p in params:
+        for i, p in enumerate(params):
             group = group_of[id(p)]
             state = self.optimizer.state.get(p)
             found = _state_of(self.family, group, state) if state else None
             if found is None:
                 continue  # not stepped yet: no metric, no step
             moment, mean, step = found
+            # Every state tensor is checked here, before the first operator call of
+            # the step writes anything (one call per device and kind of state).
+            for what, s in (("second moment", moment), ("mean gradient", mean)):
+                if s is not None:
+                    _check_state_like(func, what, s, p, names[i] if names is not None
+                                      else f"params[{i}]")
             key = (p.device, mean is not None)
             part = parts.setdefault(key, ([], [], [], [], []))
             for column, value in zip(part, (p, moment, mean, step, group)):
@@ -146,6 +152,20 @@ class OptimizerMetric:
         factor = torch.where(stepped, factor, torch.zeros_like(factor))
         means = None if means[0] is None else means
         return MetricTerms(params, moments, means, scale, eps, factor)
+
+
+def _check_state_like(func, what, state, p, label):
+    """The optimizer's `what` of parameter `label` must have its dtype, shape and
+    device (the metric step reads them element by element)."""
+    if state.dtype != p.dtype:
+        raise TypeError(f"{func}: the optimizer's {what} of {label} has dtype {state.dtype} "
+                        f"but the parameter has dtype {p.dtype}; the metric step reads the "
+                        f"state in the parameter's dtype")
+    if state.shape != p.shape or state.device != p.device:
+        raise ValueError(f"{func}: the optimizer's {what} of {label} has shape "
+                         f"{tuple(state.shape)} on {state.device} but the parameter has shape "
+                         f"{tuple(p.shape)} on {p.device} (dtype {p.dtype}); the metric step "
+                         f"needs them alike")
 
 
 def _beta2(group):

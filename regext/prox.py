@@ -111,7 +111,10 @@ def prox_group_l2_(params, threshold, *, group="tensor", group_weight=None, metr
     solves the scalar equation ``Σ_i (d_i x_i / (d_i τ + λ))² = 1`` (decreasing in
     τ), solved by Newton's method on ``φ(τ)^(-1/2) = 1`` from a lower bound (the
     function is concave, so the iterates increase to the root; float64 round-off).
-    A group holding NaN or inf is left unchanged. One fused pass per device
+    A group holding NaN or inf, or whose squares leave float64's range, is left
+    unchanged; a coordinate whose second moment is +inf keeps its value (an infinite
+    metric), and a NaN second moment (or mean) makes its group NaN, as
+    :func:`prox_l1_` makes that coordinate NaN. One fused pass per device
     (``regext::prox_group_metric_``, csrc/group_metric_math.h): each group's elements
     and state are read once into float64, Newton's 4-6 iterations run there, and the
     group is written once; on CUDA one block per group, no host synchronization.

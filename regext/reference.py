@@ -217,27 +217,35 @@ def group_lasso_in_metric_reference(x, d, lam, max_iterations=100):
     """argmin_u lam·‖u_g‖₂ + ½ Σ_i d_i (u_i − x_i)² for every row g of `x` (float64
     [groups, n]; `d` >= 0 of the same shape, `lam` a 0-dim float64 tensor >= 0), by
     Newton's method on τ = ‖u_g‖ (csrc/group_metric_math.h): u_i = x_i·τ/(τ + c_i)
-    with c_i = lam/d_i, τ the root of Σ_i (x_i/(τ + c_i))² = 1, and u = 0 iff
-    ‖d ∘ x‖ ≤ lam. Rows holding NaN or inf are returned unchanged."""
+    with c_i = lam/d_i, τ the root of Σ_i (x_i/(τ + c_i))² = 1 started from the
+    lower bound max(‖x‖ − max c, max_i |x_i| − c_i, 0), and u = 0 iff ‖d ∘ x‖ ≤ lam.
+    Rows holding NaN or inf, rows whose Σx² or Newton step leaves float64's range,
+    and lam = 0 leave the row unchanged; a NaN d makes its row NaN."""
     finite = torch.isfinite(x).all(dim=1, keepdim=True)
-    keep = (lam == 0) | ~finite
     xs = torch.where(finite, x, 0.0)
-    c = torch.full_like(d, float(lam)) / d  # +inf where d = 0: that coordinate is 0 in u
-    zero = (d * xs).square().sum(dim=1, keepdim=True) <= lam * lam
-    norm = xs.square().sum(dim=1, keepdim=True).sqrt()
-    c_max = torch.where(xs != 0, c, 0.0).amax(dim=1, keepdim=True)
-    tau = (norm - c_max).clamp_min(0.0)
-    active = ~(zero | keep)
+    nonzero = xs != 0
+    nan_d = (d.isnan() & finite).any(dim=1, keepdim=True)
+    c = torch.full_like(d, float(lam)) / d  # +inf where d = 0, 0 where d = +inf
+    sum_sq = xs.square().sum(dim=1, keepdim=True)
+    keep = (lam == 0) | ~finite | (~nan_d & ~torch.isfinite(sum_sq))
+    zero = torch.where(nonzero, d * xs, 0.0).square().sum(dim=1, keepdim=True) <= lam * lam
+    c_nz = torch.where(nonzero & ~c.isnan(), c, 0.0)
+    single = torch.where(nonzero, xs.abs() - c_nz, 0.0).amax(dim=1, keepdim=True)
+    tau = torch.maximum(sum_sq.sqrt() - c_nz.amax(dim=1, keepdim=True), single).clamp_min(0.0)
+    active = ~(zero | keep | nan_d)
     for _ in range(max_iterations):
-        r = 1.0 / (c + tau)
+        r = torch.where(nonzero, 1.0 / (c + tau), 0.0)
         q2 = (xs * r).square()
         phi = q2.sum(dim=1, keepdim=True)
         cubes = (q2 * r).sum(dim=1, keepdim=True)
         step = (phi * phi.sqrt() - phi) / torch.where(cubes > 0, cubes, 1.0)
+        failed = active & ~torch.isfinite(step)
+        keep = keep | failed
+        active = active & ~failed
         moved = active & (step > tau * 2.0 ** -50)
         tau = torch.where(moved, tau + step, tau)
         if not bool(moved.any()):
             break
-    u = (1.0 / (c + tau)) * tau * xs
-    u = u.masked_fill(zero, 0.0)
+    u = torch.where(nonzero, (1.0 / (c + tau)) * tau * xs, xs)
+    u = u.masked_fill(zero, 0.0).masked_fill(nan_d, math.nan)
     return torch.where(keep, x, u)

@@ -519,6 +519,82 @@ def test_group_lasso_attached_equals_an_independent_float64_solver(group):
     assert zero_groups > 0
 
 
+def test_group_lasso_with_an_infinite_second_moment_keeps_that_coordinate():
+    """A finite gradient spike (1e30 in float32) overflows AdamW's exp_avg_sq to inf
+    while the weight stays finite: that coordinate's metric is infinite (c = 0), so
+    it keeps its value and the rest of its group shrinks (found by a review: the
+    step wrote NaN). The independent bisection solver agrees."""
+    w = nn.Parameter(torch.tensor([[0.5, 0.3], [0.2, 0.1]]))
+    opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.0)
+    w.grad = torch.tensor([[1e30, 0.0], [0.0, 0.0]])
+    opt.step()
+    assert math.isinf(float(opt.state[w]["exp_avg_sq"][0, 0]))
+    before = w.detach().clone()
+    regext.prox_group_l2_([w], 1e-4, group="row", metric=opt)
+    d = torch.tensor([math.inf, 1e-8], dtype=torch.float64)  # v = 0 there: d = eps
+    want = group_lasso_bisection(before[0].double(), d, 1e-4)
+    assert w[0, 0] == 0.5 and torch.isfinite(w).all()
+    torch.testing.assert_close(w[0].double(), want.to(torch.float32).double(), rtol=1e-6, atol=0)
+    assert torch.equal(w[1], torch.zeros(2))  # v = 0 everywhere: d = eps, zeroed
+
+
+def test_group_lasso_metric_special_state_and_range():
+    """A NaN second moment makes its whole group NaN (the per-coordinate step makes
+    that coordinate NaN; here the group's metric is undefined) and leaves the other
+    groups as they would be; x beyond float64's squares (1e200) is left unchanged,
+    as the Euclidean step leaves a group whose norm overflows; denominators 600
+    decades apart still give the exact answer (the start's |x_i| - c_i bound)."""
+    op = torch.ops.regext.prox_group_metric_
+    f64 = dict(dtype=torch.float64)
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], **f64)
+    v = torch.tensor([[1.0, math.nan, 1.0], [1.0, 4.0, 1.0]], **f64)
+    alone = x[1:].clone()
+    op([alone], [v[1:]], [], [0], torch.tensor([[0.5, 0.0, 1.0, 1e-8]], **f64), False)
+    op([x], [v], [], [0], torch.tensor([[0.5, 0.0, 1.0, 1e-8]], **f64), False)
+    assert x[0].isnan().all() and torch.equal(x[1:], alone)
+    huge = torch.tensor([1e200, 2e200], **f64)
+    op([huge], [torch.ones(2, **f64)], [], [-1], torch.tensor([[1.0, 0.0, 1.0, 1e-8]], **f64),
+       False)
+    assert torch.equal(huge, torch.tensor([1e200, 2e200], **f64))
+    spread = torch.tensor([1.0, 2.0], **f64)
+    op([spread], [torch.tensor([1e300, 1e-300], **f64)], [], [-1],
+       torch.tensor([[1e-3, 0.0, 1.0, 0.0]], **f64), False)
+    want = group_lasso_bisection(torch.tensor([1.0, 2.0], **f64),
+                                 torch.tensor([1e150, 1e-150], **f64), 1e-3)
+    torch.testing.assert_close(spread, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("step", ["l1", "group"])
+def test_a_bad_state_tensor_is_refused_before_any_parameter_is_stepped(step):
+    """Two kinds of state (plain and centered RMSprop groups) are two operator calls;
+    a state tensor of the wrong dtype in the second is refused, naming the parameter,
+    before the first call writes anything (found by a review: the first tensor was
+    already stepped, and the message named a position in an internal sub-list)."""
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.RMSprop([{"params": [a]}, {"params": [b], "centered": True}], lr=1e-2)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    opt.state[b]["square_avg"] = opt.state[b]["square_avg"].double()
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(TypeError, match=r"second moment of params\[1\] has dtype torch.float64"):
+        if step == "l1":
+            regext.prox_l1_([a, b], 10.0, metric=opt)
+        else:
+            regext.prox_group_l2_([a, b], 10.0, group="row", metric=opt)
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+
+
+def test_group_lasso_metric_state_on_another_device_is_an_error():
+    p = torch.randn(4, 5, dtype=torch.float64)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=r"moments\[0\] is on meta"):
+        torch.ops.regext.prox_group_metric_([p], [torch.rand(4, 5, dtype=torch.float64,
+                                                             device="meta")], [], [0],
+                                            torch.tensor([[0.5, 0, 1, 1e-8]],
+                                                         dtype=torch.float64), False)
+    assert torch.equal(p, before)
+
+
 def test_group_lasso_in_a_constant_metric_is_the_euclidean_step():
     from regext.reference import group_lasso_in_metric_reference as group_lasso_in_metric
     gen = torch.Generator().manual_seed(8)

@@ -50,14 +50,6 @@ std::vector<GroupRange> group_ranges(at::ArrayRef<GroupLayout> layouts, const do
   return items;
 }
 
-// Per-group sums gathered with the elements.
-struct GroupStart {
-  double sum_sq = 0.0;     // sum x^2
-  double sum_sq_dx = 0.0;  // sum (d x)^2
-  double c_max = 0.0;      // max c over the nonzero x
-  bool finite = true;
-};
-
 // phi and sum x^2 / (tau + c)^3 over a group's n gathered elements: element e adds to
 // lane e % kLanes, lanes are added in a fixed tree. Independent lanes let the
 // compiler pair the divisions (divpd) and keep several additions in flight, where
@@ -84,19 +76,19 @@ NewtonSums newton_sums(const double* x, const double* c, int64_t n, double tau) 
 template <typename T, bool kCentered>
 void step_groups(const GroupRange& item, const GroupLayout& l, const MetricCoefs& coefs, T* x,
                  const T* v, const T* m, std::vector<double>& xs, std::vector<double>& cs,
-                 std::vector<GroupStart>& starts) {
+                 std::vector<GroupMetricStart>& starts) {
   const int64_t count = item.end - item.first;
   const int64_t group_size = l.outer * l.inner;
   const double lam = coefs.l1_step * l.weight;
   xs.resize(count * group_size);
   cs.resize(count * group_size);
-  starts.assign(count, GroupStart{});
+  starts.assign(count, GroupMetricStart{});
   // Gather, in memory order: period o holds groups [first, end) as count * inner
   // consecutive elements.
   for (int64_t o = 0; o < l.outer; ++o) {
     const int64_t base = o * l.period() + item.first * l.inner;
     for (int64_t k = 0; k < count; ++k) {
-      GroupStart& s = starts[k];
+      GroupMetricStart& s = starts[k];
       double* gx = xs.data() + k * group_size + o * l.inner;
       double* gc = cs.data() + k * group_size + o * l.inner;
       for (int64_t j = 0; j < l.inner; ++j) {
@@ -105,33 +97,34 @@ void step_groups(const GroupRange& item, const GroupLayout& l, const MetricCoefs
         const double d = metric_denominator<kCentered>(
             static_cast<double>(v[i]), kCentered ? static_cast<double>(m[i]) : 0.0, coefs.scale,
             coefs.eps);
-        const double ci = lam / d;  // +inf where d = 0
+        const double ci = lam / d;  // +inf where d = 0, 0 where d = +inf
         gx[j] = xi;
         gc[j] = ci;
-        s.finite = s.finite && is_finite_value(xi);
-        s.sum_sq += xi * xi;
-        const double dx = d * xi;
-        s.sum_sq_dx += dx * dx;
-        if (xi != 0.0 && ci > s.c_max) s.c_max = ci;
+        add_start_terms(s, xi, d, ci);
       }
     }
   }
   // Solve each group, then write it back where it changes.
   for (int64_t k = 0; k < count; ++k) {
-    const GroupStart& s = starts[k];
-    if (!s.finite) continue;  // NaN or inf: unchanged
+    const GroupMetricCase what = group_metric_case(starts[k], lam);
+    if (what == GroupMetricCase::kUnchanged) continue;
     const double* gx = xs.data() + k * group_size;
     const double* gc = cs.data() + k * group_size;
     double* out = xs.data() + k * group_size;  // u overwrites x once tau is known
-    if (s.sum_sq_dx <= lam * lam) {
+    if (what == GroupMetricCase::kNaN) {
+      std::fill(out, out + group_size, std::numeric_limits<double>::quiet_NaN());
+    } else if (what == GroupMetricCase::kZero) {
       std::fill(out, out + group_size, 0.0);
     } else {
-      double tau = group_metric_start(s.sum_sq, s.c_max);
+      double tau = group_metric_start(starts[k]);
+      bool failed = false;
       for (int it = 0; it < kMaxNewtonIterations; ++it) {
         const double step = newton_step(newton_sums(gx, gc, group_size, tau));
-        if (!newton_moves(step, tau)) break;
+        failed = newton_failed(step);
+        if (failed || !newton_moves(step, tau)) break;
         tau += step;
       }
+      if (failed) continue;  // beyond float64's range: unchanged
       for (int64_t e = 0; e < group_size; ++e) out[e] = group_metric_value(gx[e], gc[e], tau);
     }
     const int64_t g = item.first + k;
@@ -159,7 +152,7 @@ void CpuBackend::prox_group_metric(at::ArrayRef<at::Tensor> dense,
           : std::max<int64_t>((num_items * cpu::kMinElemsPerThread + total - 1) / total, 1);
   at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<double> xs, cs;  // reused by this thread's items
-    std::vector<GroupStart> starts;
+    std::vector<GroupMetricStart> starts;
     for (int64_t i = begin; i < end; ++i) {
       const GroupRange& item = items[i];
       const size_t t = static_cast<size_t>(item.tensor);

@@ -74,12 +74,7 @@ std::vector<GroupBatchPlan> plan_group_batches(at::ArrayRef<at::Tensor> inputs,
     first_slot[t] = slots;
     slots += layouts[t].num_slots;
   }
-  std::vector<c10::ScalarType> dtypes;
-  for (const auto& t : inputs) {
-    bool seen = false;
-    for (auto d : dtypes) seen = seen || d == t.scalar_type();
-    if (!seen) dtypes.push_back(t.scalar_type());
-  }
+  const std::vector<c10::ScalarType> dtypes = dtypes_in_list_order(inputs);
   std::vector<GroupBatchPlan> plans;
   for (auto dtype : dtypes) {
     GroupBatchPlan* plan = nullptr;
@@ -111,19 +106,6 @@ std::vector<GroupBatchPlan> plan_group_batches(at::ArrayRef<at::Tensor> inputs,
     }
   }
   return plans;
-}
-
-// The largest j with prefix[j] <= index (zero-width tensors are never chosen).
-__device__ __forceinline__ int owner_of(const int32_t* prefix, int num_tensors, int64_t index) {
-  int lo = 0, hi = num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (prefix[mid] <= index)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
 }
 
 struct ItemOfBlock {

@@ -67,12 +67,7 @@ std::vector<MetricGroupPlan> plan_metric_groups(at::ArrayRef<at::Tensor> dense,
                                                 at::ArrayRef<at::Tensor> means,
                                                 at::ArrayRef<GroupLayout> layouts) {
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
-  std::vector<c10::ScalarType> dtypes;
-  for (const auto& t : dense) {
-    bool seen = false;
-    for (auto d : dtypes) seen = seen || d == t.scalar_type();
-    if (!seen) dtypes.push_back(t.scalar_type());
-  }
+  const std::vector<c10::ScalarType> dtypes = dtypes_in_list_order(dense);
   std::vector<MetricGroupPlan> plans;
   for (auto dtype : dtypes) {
     MetricGroupPlan* plan = nullptr;
@@ -104,20 +99,6 @@ std::vector<MetricGroupPlan> plan_metric_groups(at::ArrayRef<at::Tensor> dense,
     }
   }
   return plans;
-}
-
-// The largest j with prefix[j] <= index (tensors without groups are never chosen).
-__device__ __forceinline__ int tensor_of_group(const int32_t* prefix, int num_tensors,
-                                               int64_t index) {
-  int lo = 0, hi = num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (prefix[mid] <= index)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
 }
 
 // Block-wide maximum (valid in thread 0), the butterfly of block_sum with fmax.
@@ -153,7 +134,7 @@ template <typename T, bool kCentered>
 __global__ void __launch_bounds__(kGroupMetricThreads)
     group_metric_kernel(const __grid_constant__ MetricGroupBatch batch,
                         const double* __restrict__ coefs) {
-  const int j = tensor_of_group(batch.group_prefix, batch.num_tensors, blockIdx.x);
+  const int j = owner_of(batch.group_prefix, batch.num_tensors, blockIdx.x);
   const MetricGroupTensor& t = batch.tensor[j];
   const double* row = coefs + static_cast<int64_t>(t.row) * kMetricColumns;
   if (row[0] == 0.0) return;  // unchanged, bit for bit (no step, or a skipped AMP step)
@@ -171,37 +152,42 @@ __global__ void __launch_bounds__(kGroupMetricThreads)
     return static_cast<double>(x[i]);
   };
 
-  __shared__ double shared_sums[3];  // sum x^2, sum (d x)^2, max c over the nonzero x
+  // The start sums (group_metric_math.h), block-wide; thread 0 decides for the block.
   __shared__ double shared_tau;
-  __shared__ int shared_moves;
-  SumPair squares{0.0, 0.0}, flags{0.0, 0.0};
-  double c_max = 0.0;
+  __shared__ int shared_state;
+  GroupMetricStart start;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     double d;
     const double xe = element(e, &d);
-    const double c = lam / d;  // +inf where d = 0
-    flags.a += is_finite_value(xe) ? 0.0 : 1.0;
-    squares.a += xe * xe;
-    const double dx = d * xe;
-    squares.b += dx * dx;
-    if (xe != 0.0 && c > c_max) c_max = c;
+    add_start_terms(start, xe, d, lam / d);  // c = +inf where d = 0, 0 where d = +inf
   }
-  squares = block_sum(squares);
-  flags = block_sum(flags);
-  c_max = block_max(c_max);
+  const SumPair squares = block_sum(SumPair{start.sum_sq, start.sum_sq_dx});
+  const SumPair counts = block_sum(SumPair{start.bad_x, start.nan_d});
+  const double c_max = block_max(start.c_max);
+  const double best_single = block_max(start.best_single);  // each >= 0: block_max's fill
   if (threadIdx.x == 0) {
-    shared_sums[0] = squares.a;
-    shared_sums[1] = squares.b;
-    shared_sums[2] = c_max;
-    shared_moves = flags.a == 0.0;  // all finite
+    GroupMetricStart total;
+    total.sum_sq = squares.a;
+    total.sum_sq_dx = squares.b;
+    total.c_max = c_max;
+    total.best_single = best_single;
+    total.bad_x = counts.a;
+    total.nan_d = counts.b;
+    shared_state = static_cast<int>(group_metric_case(total, lam));
+    shared_tau = group_metric_start(total);
   }
   __syncthreads();
-  if (!shared_moves) return;  // NaN or inf in the group: unchanged
-  if (shared_sums[1] <= lam * lam) {
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) x[index(e)] = T(0);
+  const auto what = static_cast<GroupMetricCase>(shared_state);
+  if (what == GroupMetricCase::kUnchanged) return;
+  if (what != GroupMetricCase::kSolve) {
+    const T fill = from_double<T>(what == GroupMetricCase::kZero
+                                      ? 0.0
+                                      : std::numeric_limits<double>::quiet_NaN());
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) x[index(e)] = fill;
     return;
   }
-  double tau = group_metric_start(shared_sums[0], shared_sums[2]);
+  // Newton's iterations: 1 = moved, 0 = converged, -1 = the sums left float64's range.
+  double tau = shared_tau;
   for (int it = 0; it < kMaxNewtonIterations; ++it) {
     NewtonSums sums;
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
@@ -209,19 +195,20 @@ __global__ void __launch_bounds__(kGroupMetricThreads)
       const double xe = element(e, &d);
       add_newton_terms(sums, xe, lam / d, tau);
     }
-    SumPair total = block_sum(SumPair{sums.phi, sums.cubes});
+    const SumPair total = block_sum(SumPair{sums.phi, sums.cubes});
     if (threadIdx.x == 0) {
       NewtonSums s;
       s.phi = total.a;
       s.cubes = total.b;
       const double step = newton_step(s);
-      shared_moves = newton_moves(step, tau);
-      shared_tau = shared_moves ? tau + step : tau;
+      shared_state = newton_failed(step) ? -1 : newton_moves(step, tau) ? 1 : 0;
+      if (shared_state == 1) shared_tau = tau + step;
     }
     __syncthreads();
-    const bool moves = shared_moves;
+    const int state = shared_state;
     tau = shared_tau;
-    if (!moves) break;
+    if (state == -1) return;  // unchanged
+    if (state == 0) break;
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     double d;

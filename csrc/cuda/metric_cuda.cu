@@ -52,12 +52,7 @@ std::vector<MetricBatchPlan> plan_metric_batches(at::ArrayRef<at::Tensor> dense,
                                                  at::ArrayRef<at::Tensor> moments,
                                                  at::ArrayRef<at::Tensor> means) {
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
-  std::vector<c10::ScalarType> dtypes;
-  for (const auto& t : dense) {
-    bool seen = false;
-    for (auto d : dtypes) seen = seen || d == t.scalar_type();
-    if (!seen) dtypes.push_back(t.scalar_type());
-  }
+  const std::vector<c10::ScalarType> dtypes = dtypes_in_list_order(dense);
   std::vector<MetricBatchPlan> plans;
   for (auto dtype : dtypes) {
     MetricBatchPlan* plan = nullptr;

@@ -51,18 +51,25 @@ struct BatchPlan {
   int64_t chunk_base;   // first slot of this batch in a shared partial-sums buffer
 };
 
+// The dtypes of a list, each once, in the order they first appear: batches are
+// planned dtype by dtype in this order.
+inline std::vector<c10::ScalarType> dtypes_in_list_order(at::ArrayRef<at::Tensor> tensors) {
+  std::vector<c10::ScalarType> dtypes;
+  for (const auto& t : tensors) {
+    bool seen = false;
+    for (auto d : dtypes) seen = seen || d == t.scalar_type();
+    if (!seen) dtypes.push_back(t.scalar_type());
+  }
+  return dtypes;
+}
+
 // Groups tensors by dtype (first-seen order), then cuts each group into
 // batches of at most kMaxTensorsPerLaunch tensors and INT32_MAX chunks.
 // `outputs`, when non-empty, must be parallel to `inputs`.
 inline std::vector<BatchPlan> plan_batches(at::ArrayRef<at::Tensor> inputs,
                                            at::ArrayRef<at::Tensor> outputs,
                                            at::ArrayRef<int64_t> rows) {
-  std::vector<c10::ScalarType> dtypes;
-  for (const auto& t : inputs) {
-    bool seen = false;
-    for (auto d : dtypes) seen = seen || d == t.scalar_type();
-    if (!seen) dtypes.push_back(t.scalar_type());
-  }
+  const std::vector<c10::ScalarType> dtypes = dtypes_in_list_order(inputs);
   std::vector<BatchPlan> plans;
   int64_t chunk_base = 0;
   for (auto dtype : dtypes) {
@@ -107,6 +114,20 @@ inline int64_t total_chunks(const std::vector<BatchPlan>& plans) {
   int64_t n = 0;
   for (const auto& p : plans) n += p.num_chunks;
   return n;
+}
+
+// The largest j with prefix[j] <= index (zero-width tensors are never
+// chosen): the tensor of a block in launches planned by prefix sums of items or groups.
+__device__ __forceinline__ int owner_of(const int32_t* prefix, int num_tensors, int64_t index) {
+  int lo = 0, hi = num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (prefix[mid] <= index)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
 }
 
 // The tensor that owns chunk `chunk` of this launch: the largest j with

@@ -99,16 +99,16 @@ MUTANTS = {
         "metric_cuda.cu", "metric_denominator<kCentered>(", "metric_denominator<false>(",
         "address", "the metric step ignores centered RMSprop's means (sqrt(v), not sqrt(v - m^2))"),
     "group_metric_broadcast": (
-        "group_metric_cuda.cu", "    __syncthreads();\n    const bool moves = shared_moves;",
-        "    const bool moves = shared_moves;", "address",
+        "group_metric_cuda.cu", "    __syncthreads();\n    const int state = shared_state;",
+        "    const int state = shared_state;", "address",
         "the group metric step reads tau before thread 0 has broadcast it"),
     "group_metric_row": (
         "group_metric_cuda.cu", "l.weight,\n                                      static_cast<int32_t>(t)};",
         "l.weight,\n                                      static_cast<int32_t>(j)};", "address",
         "the group metric step reads the coefficient row of the tensor's place in its batch"),
     "group_metric_zero_test": (
-        "group_metric_cuda.cu", "if (shared_sums[1] <= lam * lam) {",
-        "if (shared_sums[0] <= lam * lam) {", "address",
+        "group_metric_cuda.cu", "total.sum_sq_dx = squares.b;", "total.sum_sq_dx = squares.a;",
+        "address",
         "the group metric step zeroes a group by ||x|| instead of ||d o x||"),
 }
 

@@ -127,16 +127,22 @@ def test_every_layout_matches_the_reference_and_the_cpu(dtype, sqrt_size, center
         assert zeroed > 0 and shrunk > 0, (zeroed, shrunk)
 
 
+@pytest.mark.parametrize("state", ["zeros", "inf", "nan"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_special_values(dtype):
+def test_special_values(dtype, state):
     """A group holding NaN or inf is left unchanged; a second moment of exactly 0 with
     eps 0 gives an infinite c (that coordinate becomes 0, the rest of its group
-    shrinks); an all-zero group stays zero; huge and tiny values."""
+    shrinks); an infinite second moment gives c = 0 (that coordinate keeps its value);
+    a NaN one makes its group NaN; an all-zero group stays zero; huge and tiny values."""
     gen = torch.Generator().manual_seed(42)
     x = make_values(12 * 40, dtype, "special", gen).view(12, 40)
     x[5] = 0.0
     v = torch.rand(12, 40, generator=gen, dtype=torch.float64).to(dtype)
     v[:, ::4] = 0.0
+    if state == "inf":
+        v[:, 1::9] = math.inf
+    elif state == "nan":
+        v[2, 3] = v[7, 30] = math.nan
     for eps in (0.0, 1e-8):
         coefs = torch.tensor([[1.5, 0.0, 1.0, eps]], dtype=torch.float64)
         for dim in (0, 1, -1):

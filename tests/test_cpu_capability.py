@@ -60,6 +60,13 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         q = [w.clone() for w in ws]
         torch.ops.regext.prox_group_lasso_(q, dims, c(0.05), False)
         out += [t, s] + list(g) + q
+        # The group lasso in an optimizer's metric: Newton's sums (newton_sums).
+        vw = [torch.rand(w.shape).to(dt) for w in ws]
+        cg = torch.tensor([[0.3, 0.0, 1.0, 1e-8], [0.05, 0.0, 2.0, 1e-8], [0.2, 0.0, 1.0, 0.0],
+                           [0.1, 0.0, 1.0, 1e-8]], dtype=torch.float64)
+        q = [w.clone() for w in ws]
+        torch.ops.regext.prox_group_metric_(q, vw, [], dims, cg, True)
+        out += q
 torch.save(out, sys.argv[1])
 print(regext.cpu_capability())
 """

@@ -24,6 +24,7 @@
 #include "../groups.h"
 #include "../penalty_math.h"
 #include "cpu_common.h"
+#include "vector_loops.h"
 
 namespace regext {
 namespace {
@@ -48,29 +49,6 @@ std::vector<GroupRange> group_ranges(at::ArrayRef<GroupLayout> layouts, const do
     }
   }
   return items;
-}
-
-// phi and sum x^2 / (tau + c)^3 over a group's n gathered elements: element e adds to
-// lane e % kLanes, lanes are added in a fixed tree. Independent lanes let the
-// compiler pair the divisions (divpd) and keep several additions in flight, where
-// one chain of dependent additions would bound each iteration by the add latency;
-// the order is fixed, so the bits do not depend on the thread count, and this file
-// has one build for every CPU.
-constexpr int kLanes = 8;
-NewtonSums newton_sums(const double* x, const double* c, int64_t n, double tau) {
-  NewtonSums lanes[kLanes];
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) {
-    for (int k = 0; k < kLanes; ++k) add_newton_terms(lanes[k], x[e + k], c[e + k], tau);
-  }
-  for (int k = 0; e < n; ++e, ++k) add_newton_terms(lanes[k], x[e], c[e], tau);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int k = 0; k < width; ++k) {
-      lanes[k].phi += lanes[k + width].phi;
-      lanes[k].cubes += lanes[k + width].cubes;
-    }
-  }
-  return lanes[0];
 }
 
 template <typename T, bool kCentered>
@@ -116,6 +94,7 @@ void step_groups(const GroupRange& item, const GroupLayout& l, const MetricCoefs
     } else if (what == GroupMetricCase::kZero) {
       std::fill(out, out + group_size, 0.0);
     } else {
+      const auto newton_sums = cpu::vector_loops().newton_sums;  // this CPU's variant
       double tau = group_metric_start(starts[k]);
       bool failed = false;
       for (int it = 0; it < kMaxNewtonIterations; ++it) {

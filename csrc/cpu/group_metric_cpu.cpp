@@ -66,7 +66,9 @@ void step_groups(const GroupRange& item, const GroupLayout& l, const MetricCoefs
   for (int64_t o = 0; o < l.outer; ++o) {
     const int64_t base = o * l.period() + item.first * l.inner;
     for (int64_t k = 0; k < count; ++k) {
-      GroupMetricStart& s = starts[k];
+      // A local copy: gx and gc are double*, which may alias the fields of starts[k]
+      // as far as the compiler knows; in registers the sums need no reload per element.
+      GroupMetricStart s = starts[k];
       double* gx = xs.data() + k * group_size + o * l.inner;
       double* gc = cs.data() + k * group_size + o * l.inner;
       for (int64_t j = 0; j < l.inner; ++j) {
@@ -80,6 +82,7 @@ void step_groups(const GroupRange& item, const GroupLayout& l, const MetricCoefs
         gc[j] = ci;
         add_start_terms(s, xi, d, ci);
       }
+      starts[k] = s;
     }
   }
   // Solve each group, then write it back where it changes.

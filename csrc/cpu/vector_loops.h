@@ -69,6 +69,11 @@ struct LoopsFor {
   // half types without means, metric_prox_float wherever it decides (within 5e-6 of
   // the float64 step, the same zeros).
   void (*metric_prox_)(T* x, const T* v, const T* m, int64_t n, const MetricCoefs& c);
+  // The first read of the group lasso in an optimizer's metric (group_metric_math.h):
+  // gx[i] = x[i], gd[i] = metric_denominator(v[i], m[i], scale, eps) and
+  // gc[i] = lam / gd[i], in float64 (m == nullptr: no means); the scalar forms' bits.
+  void (*metric_gather)(const T* x, const T* v, const T* m, int64_t n, double scale,
+                        double eps, double lam, double* gx, double* gd, double* gc);
 };
 
 // One instruction-set variant of every loop.
@@ -84,6 +89,9 @@ struct VectorLoops {
   // operations in the same order on every variant (only the register width differs):
   // the same bits.
   NewtonSums (*newton_sums)(const double* x, const double* c, int64_t n, double tau);
+  // A group's start sums (add_start_terms) over its gathered x, d and c: 8 lanes as
+  // newton_sums', the sums added in a fixed tree, the maxima taken.
+  GroupMetricStart (*start_sums)(const double* x, const double* d, const double* c, int64_t n);
 };
 
 // The variants compiled into this build (each null where the compiler or the

@@ -815,6 +815,81 @@ NewtonSums newton_sums(const double* x, const double* c, int64_t n, double tau) 
   return total;
 }
 
+// ---- The group lasso in an optimizer's metric: the first read of a run ----
+// x, d = metric_denominator(v, m) and c = lam / d as float64, into gx, gd, gc: the
+// operations of the scalar forms (penalty_math.h) in registers, so the same bits.
+template <typename T, bool kCentered>
+REGEXT_INLINE void metric_gather_impl(const T* x, const T* v, const T* m, int64_t n,
+                                      double scale, double eps, double lam, double* gx,
+                                      double* gd, double* gc) {
+  const DoubleV sc = DoubleV{} + scale, ep = DoubleV{} + eps, la = DoubleV{} + lam;
+  auto denominator = [&](DoubleV vv, DoubleV mm) {
+    DoubleV s = vv;
+    if constexpr (kCentered) {
+      const DoubleV zero{};
+      s = vv - mm * mm;
+      s = s < zero ? zero : s;
+    }
+    return sqrt_lanes(s) * sc + ep;
+  };
+  int64_t i = 0;
+  for (; i + kF <= n; i += kF) {
+    DoubleV x0, x1, v0, v1, m0{}, m1{};
+    load_double_pair(x + i, x0, x1);
+    load_double_pair(v + i, v0, v1);
+    if constexpr (kCentered) load_double_pair(m + i, m0, m1);
+    const DoubleV d0 = denominator(v0, m0), d1 = denominator(v1, m1);
+    const DoubleV c0 = la / d0, c1 = la / d1;
+    __builtin_memcpy(gx + i, &x0, sizeof(x0));
+    __builtin_memcpy(gx + i + kD, &x1, sizeof(x1));
+    __builtin_memcpy(gd + i, &d0, sizeof(d0));
+    __builtin_memcpy(gd + i + kD, &d1, sizeof(d1));
+    __builtin_memcpy(gc + i, &c0, sizeof(c0));
+    __builtin_memcpy(gc + i + kD, &c1, sizeof(c1));
+  }
+  for (; i < n; ++i) {
+    const double mean = kCentered ? static_cast<double>(m[i]) : 0.0;
+    gx[i] = static_cast<double>(x[i]);
+    gd[i] = metric_denominator<kCentered>(static_cast<double>(v[i]), mean, scale, eps);
+    gc[i] = lam / gd[i];
+  }
+}
+
+template <typename T>
+void metric_gather(const T* x, const T* v, const T* m, int64_t n, double scale, double eps,
+                   double lam, double* gx, double* gd, double* gc) {
+  if (m != nullptr) {
+    metric_gather_impl<T, true>(x, v, m, n, scale, eps, lam, gx, gd, gc);
+  } else {
+    metric_gather_impl<T, false>(x, v, nullptr, n, scale, eps, lam, gx, gd, gc);
+  }
+}
+
+// A group's start sums (add_start_terms) over its gathered values, element e into
+// lane e % 8, lanes combined in a fixed tree (sums) or by maximum: the same bits on
+// every variant.
+GroupMetricStart start_sums(const double* x, const double* d, const double* c, int64_t n) {
+  GroupMetricStart lanes[kNewtonLanes];
+  int64_t e = 0;
+  for (; e + kNewtonLanes <= n; e += kNewtonLanes) {
+    for (int k = 0; k < kNewtonLanes; ++k) add_start_terms(lanes[k], x[e + k], d[e + k], c[e + k]);
+  }
+  for (int k = 0; e < n; ++e, ++k) add_start_terms(lanes[k], x[e], d[e], c[e]);
+  for (int width = kNewtonLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) {
+      GroupMetricStart& a = lanes[k];
+      const GroupMetricStart& b = lanes[k + width];
+      a.sum_sq += b.sum_sq;
+      a.sum_sq_dx += b.sum_sq_dx;
+      a.bad_x += b.bad_x;
+      a.nan_d += b.nan_d;
+      a.c_max = b.c_max > a.c_max ? b.c_max : a.c_max;
+      a.best_single = b.best_single > a.best_single ? b.best_single : a.best_single;
+    }
+  }
+  return lanes[0];
+}
+
 template <typename T>
 constexpr LoopsFor<T> loops() {
   return {&abs_sq_sums<T>,
@@ -827,12 +902,14 @@ constexpr LoopsFor<T> loops() {
           &penalty_grad_by_position<T>,
           &scale_by_position_<T>,
           &sq_sum<T>,
-          &metric_prox_<T>};
+          &metric_prox_<T>,
+          &metric_gather<T>};
 }
 
 constexpr VectorLoops kLoops{REGEXT_ISA_NAME,          loops<float>(),
                              loops<double>(),          loops<c10::Half>(),
-                             loops<c10::BFloat16>(),   &newton_sums};
+                             loops<c10::BFloat16>(),   &newton_sums,
+                             &start_sums};
 
 }  // namespace
 }  // namespace regext::cpu::REGEXT_ISA

@@ -48,18 +48,22 @@ inline int64_t total_numel(at::TensorList tensors) {
   return n;
 }
 
+// The at::parallel_for grain for `num_items` work items covering `total` elements:
+// no thread gets less than kMinElemsPerThread elements on average (one thread for
+// less than that in all).
+inline int64_t grain_for(int64_t num_items, int64_t total) {
+  return total <= kMinElemsPerThread
+             ? num_items + 1
+             : std::max<int64_t>((num_items * kMinElemsPerThread + total - 1) / total, 1);
+}
+
 // fn(chunk index, chunk) for every chunk of `table`, spread over at::parallel_for
 // with a grain that gives no thread less than kMinElemsPerThread elements on
 // average. Chunk boundaries never depend on the thread count.
 template <typename Fn>
 void for_each_chunk(at::TensorList tensors, const ChunkTable& table, Fn&& fn) {
   const int64_t num_chunks = static_cast<int64_t>(table.chunks.size());
-  const int64_t total = total_numel(tensors);
-  const int64_t grain = total <= kMinElemsPerThread
-                            ? num_chunks + 1  // one thread
-                            : std::max<int64_t>(
-                                  (num_chunks * kMinElemsPerThread + total - 1) / total, 1);
-  at::parallel_for(0, num_chunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_chunks, grain_for(num_chunks, total_numel(tensors)), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) fn(c, table.chunks[c]);
   });
 }

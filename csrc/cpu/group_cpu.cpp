@@ -44,12 +44,7 @@ ItemTable make_item_table(at::ArrayRef<GroupLayout> layouts) {
 template <typename Fn>
 void for_each_item(at::ArrayRef<at::Tensor> dense, const ItemTable& table, Fn&& fn) {
   const int64_t num_items = static_cast<int64_t>(table.tensor_of.size());
-  const int64_t total = cpu::total_numel(dense);
-  const int64_t grain =
-      total <= cpu::kMinElemsPerThread
-          ? num_items + 1
-          : std::max<int64_t>((num_items * cpu::kMinElemsPerThread + total - 1) / total, 1);
-  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_items, cpu::grain_for(num_items, cpu::total_numel(dense)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(table.tensor_of[i], table.item_of[i]);
   });
 }

@@ -159,12 +159,7 @@ void CpuBackend::prox_group_metric(at::ArrayRef<at::Tensor> dense,
   const double* rows = coefs.const_data_ptr<double>();
   const std::vector<GroupRange> items = group_ranges(layouts, rows);
   const int64_t num_items = static_cast<int64_t>(items.size());
-  const int64_t total = cpu::total_numel(dense);
-  const int64_t grain =
-      total <= cpu::kMinElemsPerThread
-          ? num_items + 1
-          : std::max<int64_t>((num_items * cpu::kMinElemsPerThread + total - 1) / total, 1);
-  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_items, cpu::grain_for(num_items, cpu::total_numel(dense)), [&](int64_t begin, int64_t end) {
     Scratch scratch;  // reused by this thread's items
     for (int64_t i = begin; i < end; ++i) {
       const GroupRange& item = items[i];

@@ -229,14 +229,14 @@ def group_prox_samples(gen, device):
     return out
 
 
-def group_metric_samples(gen, device):
+def group_metric_samples(gen, device, make_params=group_sample_params):
     """The group layouts of group_prox_samples with second moments (exact zeros in
     one tensor, eps 0 in its row: coordinates whose c is infinite) and means; rows
     that zero some groups and not others, a large scale, and a row of 0 (untouched)."""
     out = []
     for dtype in DTYPES:
         for shift, sqrt_size in ((0, False), (1, True)):
-            params = group_sample_params(gen, device, dtype)
+            params = make_params(gen, device, dtype)
             moments = [(1e-3 * torch.rand(p.shape, generator=gen, dtype=torch.float64))
                        .to(dtype).contiguous().to(device) for p in params]
             moments[4][::3] = 0.0
@@ -250,6 +250,25 @@ def group_metric_samples(gen, device):
             out.append((params, moments, [], dims, coefs, sqrt_size))
             out.append((params, moments, means, dims, coefs, sqrt_size))
     return out
+
+
+def small_group_sample_params(gen, device, dtype):
+    """group_sample_params without its two large layouts ((2, 33000) and (200, 600)):
+    about 30 groups instead of about 830."""
+    extra = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in
+             [(8, 3, 3, 3), (3, 2, 30), (5, 0)]]
+    extra[0][2] = 0.0  # an all-zero filter (row group)
+    return sample_params(gen, device, dtype) + [p.to(dtype=dtype, device=device) for p in extra]
+
+
+def emulated_group_metric_samples(gen, device):
+    """group_metric_samples on small_group_sample_params, for the CUDA emulator. There,
+    each group's Newton iterations are block-wide reductions of 256 fibers: the
+    830 groups of group_sample_params took over 5 minutes per sample under ASan (CI
+    timed out at 90 minutes). Rows longer than a chunk and columns over several
+    position blocks run emulated in tests/cuda_emu/test_emulated_group_metric.py
+    (test_emulated_groups.LAYOUTS: (2, CHUNK + 1), (129, 600), ...)."""
+    return group_metric_samples(gen, device, small_group_sample_params)
 
 
 def ref_group_forward(params, dims, l1, l2, sqrt_size):
@@ -293,6 +312,12 @@ class OpEntry:
     samples: Callable    # (generator, device) -> [argument tuples]
     mutated: tuple       # positions of the arguments the operator writes
     reference: Callable  # the same call in torch ops (writes the same arguments)
+    # The same kind of samples sized for the CUDA emulator (tests/cuda_emu), where
+    # `samples` would take too long; None: `samples` themselves.
+    emulated_samples: Callable = None
+
+    def samples_for(self, emulated):
+        return self.emulated_samples if emulated and self.emulated_samples else self.samples
 
 
 OPS = {
@@ -310,21 +335,23 @@ OPS = {
     "group_penalty_grad_accumulate_": OpEntry(group_grad_accumulate_samples, (0,),
                                               ref_group_grad_accumulate_),
     "prox_group_lasso_": OpEntry(group_prox_samples, (0,), prox_group_lasso_reference),
-    "prox_group_metric_": OpEntry(group_metric_samples, (0,), prox_group_metric_reference),
+    "prox_group_metric_": OpEntry(group_metric_samples, (0,), prox_group_metric_reference,
+                                  emulated_samples=emulated_group_metric_samples),
 }
 
 
-def cases(device="cpu", *, first_only=False):
+def cases(device="cpu", *, first_only=False, emulated=False):
     """(operator name, sample index) pairs for pytest ids; first_only: one per operator
-    (for the slow checks: compile, threads)."""
+    (for the slow checks: compile, threads); emulated: of the emulator's samples."""
     gen = torch.Generator().manual_seed(0)
     return [(name, i) for name, entry in OPS.items()
-            for i in range(1 if first_only else len(entry.samples(gen, device)))]
+            for i in range(1 if first_only else
+                           len(entry.samples_for(emulated)(gen, device)))]
 
 
-def sample(name, index, device="cpu", seed=0):
-    """A fresh copy of one sample's arguments."""
-    return OPS[name].samples(torch.Generator().manual_seed(seed), device)[index]
+def sample(name, index, device="cpu", seed=0, emulated=False):
+    """A fresh copy of one sample's arguments (emulated: of the emulator's samples)."""
+    return OPS[name].samples_for(emulated)(torch.Generator().manual_seed(seed), device)[index]
 
 
 def clone_args(args):

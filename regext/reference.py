@@ -94,14 +94,15 @@ def sqrt_float64(x):
     """Correctly rounded square roots of a float64 tensor, as the kernels' sqrt
     instructions give them: torch's vectorized CPU sqrt (Sleef) is 1 ulp off for
     about 1% of float64 inputs. NumPy's is the hardware's; without NumPy, Python's
-    math.sqrt element by element."""
+    math.sqrt element by element. Any shape, 0-dim included."""
     try:
         import numpy as np
     except ImportError:
         values = [math.sqrt(v) if v >= 0 else math.nan for v in x.flatten().tolist()]
         return torch.tensor(values, dtype=torch.float64).reshape(x.shape).to(x.device)
     with np.errstate(invalid="ignore"):
-        return torch.from_numpy(np.sqrt(x.detach().cpu().numpy())).to(x.device)
+        # np.sqrt of a 0-dim array is a NumPy scalar, which torch.from_numpy refuses.
+        return torch.from_numpy(np.asarray(np.sqrt(x.detach().cpu().numpy()))).to(x.device)
 
 
 def metric_denominator_reference(moment, mean, scale, eps):

@@ -564,6 +564,32 @@ def test_group_lasso_metric_special_state_and_range():
     torch.testing.assert_close(spread, want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_dim_parameters_match_the_references(dtype):
+    """A 0-dim parameter (a learned scalar) is one group and one coordinate: both
+    operators and both float64 references agree on it (the references raised a
+    TypeError on 0-dim tensors: NumPy's sqrt of a 0-dim array is a scalar)."""
+    from regext.reference import prox_group_metric_reference, prox_metric_reference
+    gen = torch.Generator().manual_seed(31)
+    for _ in range(20):
+        x = (3 * torch.randn((), generator=gen, dtype=torch.float64)).to(dtype)
+        v = torch.rand((), generator=gen, dtype=torch.float64).to(dtype)
+        m = (0.1 * torch.randn((), generator=gen, dtype=torch.float64)).to(dtype)
+        coefs = torch.tensor([[float(torch.rand((), generator=gen)), 0.0, 1.5, 1e-8]],
+                             dtype=torch.float64)
+        for means in ([], [m]):
+            got, want = x.clone(), x.clone()
+            torch.ops.regext.prox_metric_([got], [v], means, coefs)
+            prox_metric_reference([want], [v], means, coefs)
+            torch.testing.assert_close(got, want, rtol=5e-6, atol=0)
+            got, want = x.clone(), x.clone()
+            torch.ops.regext.prox_group_metric_([got], [v], means, [0], coefs, True)
+            prox_group_metric_reference([want], [v], means, [0], coefs, True)
+            assert got.shape == () and torch.equal(got == 0, want == 0)
+            torch.testing.assert_close(got, want, rtol=1e-6 if dtype != torch.float64 else 1e-12,
+                                       atol=0)
+
+
 @pytest.mark.parametrize("step", ["l1", "group"])
 def test_a_bad_state_tensor_is_refused_before_any_parameter_is_stepped(step):
     """Two kinds of state (plain and centered RMSprop groups) are two operator calls;

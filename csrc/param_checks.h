@@ -81,12 +81,23 @@ inline void check_coefficient(const char* op, const char* name, const at::Tensor
   }
 }
 
+// A tensor about to be written in place must own each of its elements (no
+// stride-0 dims, as expand() makes). torch's assert_no_internal_overlap says the
+// same without naming the argument; the Python front end's ValueError does.
+inline void check_owns_its_elements(const char* op, const char* arg, size_t i,
+                                    const at::Tensor& t) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", arg, "[", i,
+                    "] has overlapping memory (an expanded tensor, shape ", t.sizes(), ", stride ",
+                    t.strides(), ", dtype ", t.scalar_type(),
+                    "); it cannot be updated in place: pass a clone()");
+}
+
 // A list that is about to be written in place: every tensor passes before
 // anything is modified, and no tensor's elements overlap each other.
 inline c10::Device check_mutable_list(const char* op, at::TensorList params) {
   const c10::Device device = device_of(op, params);
   check_tensor_list(op, "params", params, device);
-  for (const auto& p : params) at::assert_no_internal_overlap(p);
+  for (size_t i = 0; i < params.size(); ++i) check_owns_its_elements(op, "params", i, params[i]);
   return device;
 }
 
@@ -155,7 +166,7 @@ inline void check_grads_for(const char* op, at::TensorList grads, at::TensorList
     TORCH_CHECK_TYPE(grads[t].scalar_type() == params[t].scalar_type(), op, ": grads[", t,
                      "] has dtype ", grads[t].scalar_type(), " but params[", t, "] has dtype ",
                      params[t].scalar_type());
-    at::assert_no_internal_overlap(grads[t]);
+    check_owns_its_elements(op, "grads", t, grads[t]);
   }
 }
 

@@ -64,3 +64,32 @@ def test_ops_check_their_arguments_too():
     with pytest.raises(RuntimeError, match="stats must be a contiguous float64"):
         torch.ops.regext.penalty_backward(torch.tensor(1.0), [torch.randn(2)],
                                           torch.zeros(2, 2), scalar(0.1), scalar(0.1), False)
+
+
+def _written_cases():
+    from op_samples import OPS, cases
+    return [(name, index, pos) for name, index in cases(first_only=True)
+            for pos in OPS[name].mutated]
+
+
+@pytest.mark.parametrize("name, index, pos", _written_cases())
+def test_ops_name_an_expanded_tensor_they_would_write(name, index, pos):
+    """Every operator that writes a list refuses a stride-0 (expanded) tensor in it
+    with a ValueError naming the argument, the position, shape, stride and dtype,
+    before writing anything (torch's own overlap check named no argument)."""
+    from op_samples import clone_args, sample
+    args = list(clone_args(sample(name, index)))
+    arg = getattr(torch.ops.regext, name).default._schema.arguments[pos].name
+    written = args[pos]
+    i = next(k for k, t in enumerate(written) if t.numel() > 1)
+    t = written[i]
+    written[i] = torch.zeros(1, dtype=t.dtype, device=t.device).expand(t.shape)
+    before = [w.clone() for w in written]
+    c10_name = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                torch.bfloat16: "BFloat16"}[t.dtype]
+    pattern = (rf"regext::{name}: {arg}\[{i}\] has overlapping memory \(an expanded tensor, "
+               rf"shape \[.*\], stride \[.*\], dtype {c10_name}\)")
+    with pytest.raises(ValueError, match=pattern):
+        getattr(torch.ops.regext, name)(*args)
+    for w, b in zip(written, before):
+        assert torch.equal(w, b)

@@ -23,7 +23,6 @@ regext call on each list is checked against the reference loop.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -161,10 +160,7 @@ def main(argv=None):
     result = {"env": env, "rounds": args.rounds, "median_ms": med,
               "min_ms": {n: s["min_ms"] for n, s in stats.items()}, "all_ms": samples,
               "ratio_to_no_dup": ratios, "goal": GOAL, "failures": failures}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    report.write_json(args.out, result)
     if failures:
         sys.exit(1)
     return result

@@ -21,7 +21,6 @@ weight and its moment, writes the weight).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -103,10 +102,7 @@ def main(argv=None):
     result = {"env": env, "repeats": args.repeats, "median_ms": med, "all_ms": samples,
               "zero_rows": zero_rows, "check_against_float64_reference": check,
               "gbps_fused": gbps}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    report.write_json(args.out, result)
     return result
 
 

@@ -19,7 +19,6 @@ Goals: regext_inplace >= 3x faster than compiled_loop and within 1.5x of foreach
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -142,10 +141,7 @@ def main(argv=None):
               "min_ms": {n: s["min_ms"] for n, s in stats.items()},
               "all_ms": samples, "speedup_vs_compiled_loop": speedup,
               "ratio_to_foreach_add": vs_floor, "max_grad_diff_vs_compiled_loop": max_diff}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    report.write_json(args.out, result)
     return result
 
 

@@ -22,7 +22,6 @@ regext.reference.prox_metric_reference built from the optimizer's state.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -138,10 +137,7 @@ def main(argv=None):
               "ratio_step_metric_prox": ratio, "ratio_step_euclidean_prox": ratio_euclid,
               "goal": GOAL, "gbps": gbps, "ceiling": ceiling,
               "check_against_float64_reference": check}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    report.write_json(args.out, result)
     return result
 
 

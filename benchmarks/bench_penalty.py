@@ -34,7 +34,6 @@ over the median time; the ceiling is a large dst.copy_(src) in the same run.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -480,8 +479,7 @@ def main(argv=None):
                sweep_compiled="not swept: torch.compile recompiles for every shape")
     payload = {"env": env, "results": rows, "scaling": scaling, "bandwidth": bandwidth_rows,
                "failures": failures}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(payload, f, indent=1)
+    report.write_json(args.out, payload)
     report.write_all(args.out, payload)
     return 1 if any(f["kind"] == "check" for f in failures) else 0
 

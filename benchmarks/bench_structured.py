@@ -33,7 +33,6 @@ regext_row / regext_tensor <= 1.2.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -326,10 +325,8 @@ def main(argv=None):
     print("\n" + "\n".join(lines))
     result = {"env": env, "repeats": args.repeats, "results": rows, "checks": checks,
               "ratios": found}
+    report.write_json(args.out, result)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
         write_outputs(args.out, result)
     return result
 

@@ -2,6 +2,7 @@
 environment block of results.json. Measuring lives in bench_penalty.py / timing.py."""
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -303,6 +304,16 @@ def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
                      f"({fail['kind']}): {fail.get('error', 'value/gradient check')}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def write_json(out, result):
+    """`result` as `out`/results.json (the folder made if needed); nothing if `out` is
+    None (a run without --out)."""
+    if out is None:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def write_all(out, payload):

@@ -131,10 +131,10 @@ def add_penalty_grad_(params, l1=0.0, l2=0.0, *, l2_squared=False, group="tensor
     Raises:
         ValueError: a bad ``l1``/``l2``, ``group`` or ``group_weight``; an existing
             ``.grad`` with the wrong shape or device, or with overlapping memory.
+            Like every error here, before any gradient is touched.
         TypeError: an element that is not a strided real floating-point tensor; an
             existing ``.grad`` that is sparse or of another dtype.
         RuntimeError: with ``error_if_nonfinite=True``, a NaN or infinite penalty.
-        All are raised before any gradient is touched.
     """
     if (group == "tensor" and group_weight is None and not error_if_nonfinite
             and _fastpath.open_now()):

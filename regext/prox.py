@@ -58,11 +58,11 @@ def prox_l1_(params, threshold, *, metric=None):
         ValueError: ``threshold`` is not a finite number >= 0; a tensor has
             overlapping memory (stride 0); ``metric`` is an optimizer regext does not
             know the metric of (pass None) or does not hold one of the tensors.
+            Like every error here, before anything is modified.
         TypeError: an element is not a strided real floating-point tensor; ``metric``
             is not an optimizer.
         NotImplementedError: ``prox_group_l2_`` with ``metric`` on DTensor parameters
             (``prox_l1_`` and ``prox_l2_squared_`` step each rank's local shards).
-        All before anything is modified.
     """
     func = "prox_l1_"
     threshold = coefficient(func, "threshold", threshold)

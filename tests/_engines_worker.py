@@ -302,7 +302,55 @@ def zero3_cases(rank, world):
         out["zero3_bf16"] = zero3_bf16_case(rank, world)
     except Exception:
         out["zero3_bf16"] = failed()
+    try:
+        out["zero3_accumulation"] = zero3_accumulation_case(rank, world)
+    except Exception:
+        out["zero3_accumulation"] = failed()
     return out
+
+
+def zero3_accumulation_case(rank, world, micro_steps=2):
+    """Gradient accumulation, as docs/distributed.md says to use it: every micro-step
+    calls engine.backward and engine.step; add_penalty_grad_ runs once per optimizer
+    step, where engine.is_gradient_accumulation_boundary(). Two optimizer steps equal
+    two single-process steps on the mean loss of all micro-batches of all ranks (as
+    DeepSpeed scales each micro-step's loss by 1/micro_steps and averages the ranks)
+    with the penalty's gradient and the default clipping."""
+    import deepspeed
+    import regext
+    model = make_zero3_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {"train_batch_size": 3 * world * micro_steps, "train_micro_batch_size_per_gpu": 3,
+              "gradient_accumulation_steps": micro_steps, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    module = engine.module
+    torch.manual_seed(2)
+    batches = torch.randn(2, world, micro_steps, 3, 6)  # [optimizer step, rank, micro-step]
+    calls = 0
+    for step in range(2):
+        for k in range(micro_steps):
+            engine.backward(engine(batches[step, rank, k]).pow(2).sum())
+            if engine.is_gradient_accumulation_boundary():
+                regext.add_penalty_grad_(module.parameters(), L1, L2)
+                calls += 1
+            engine.step()
+    assert calls == 2, calls
+    ref = make_zero3_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(2):
+        ref_opt.zero_grad()
+        xs = batches[step].flatten(0, 1)
+        (sum(ref(x).pow(2).sum() for x in xs) / len(xs)).backward()
+        regext.add_penalty_grad_(ref.parameters(), L1, L2)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        got = [p.detach().clone() for p in params]
+    errors = [float((g - w).abs().max()) for g, w in zip(got, ref.parameters())]
+    assert max(errors) <= 1e-6, errors
+    return {"status": "ok", "why": f"{micro_steps} micro-steps, 2 steps, max error {max(errors)}"}
 
 
 def zero3_bf16_case(rank, world):

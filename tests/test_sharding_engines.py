@@ -27,7 +27,7 @@ _RUNS = {}
 CASES = {"fsdp1": ["fsdp1_use_orig_params_True", "fsdp1_use_orig_params_False"],
          "zero3": ["zero3", "zero3_value", "zero3_add_penalty_grad",
                    "zero3_sparsity", "zero3_nonfinite",
-                   "zero3_bf16"]}
+                   "zero3_bf16", "zero3_accumulation"]}
 
 
 @pytest.mark.parametrize("engine, case", [(e, c) for e, cs in CASES.items() for c in cs])

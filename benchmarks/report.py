@@ -308,8 +308,8 @@ def write_markdown(path, env, rows, scaling, failures, pngs, bandwidth=()):
 
 def write_json(out, result):
     """`result` as `out`/results.json (the folder made if needed); nothing if `out` is
-    None (a run without --out)."""
-    if out is None:
+    None or empty (a run without --out, or --out "")."""
+    if not out:
         return
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:

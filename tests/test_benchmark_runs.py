@@ -107,6 +107,18 @@ def bench():
     return module
 
 
+def test_results_json_is_written_only_where_asked(bench, tmp_path, monkeypatch):
+    """report.write_json, which every benchmark's --out goes through: results.json in
+    the folder (made if needed), and nothing for None or an empty --out ""."""
+    monkeypatch.chdir(tmp_path)
+    bench.report.write_json(None, {"a": 1})
+    bench.report.write_json("", {"a": 1})
+    assert os.listdir(tmp_path) == []
+    bench.report.write_json(str(tmp_path / "new" / "dir"), {"a": [1.5, "x"]})
+    with open(tmp_path / "new" / "dir" / "results.json") as f:
+        assert json.load(f) == {"a": [1.5, "x"]}
+
+
 def test_parameter_sets_match_the_models(bench):
     sets = bench.param_sets
     for name, (n_tensors, n_params) in sets.PARAMETER_COUNTS.items():

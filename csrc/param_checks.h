@@ -81,9 +81,11 @@ inline void check_coefficient(const char* op, const char* name, const at::Tensor
   }
 }
 
-// A tensor about to be written in place must own each of its elements (no
-// stride-0 dims, as expand() makes). torch's assert_no_internal_overlap says the
-// same without naming the argument; the Python front end's ValueError does.
+// A tensor about to be written in place must have no stride-0 dimension of size
+// > 1 (as expand() makes): at::has_internal_overlap answers Yes only for those.
+// Other overlapping as_strided views it cannot decide (TooHard) pass, as they do
+// in torch's own in-place ops. torch's assert_no_internal_overlap checks the same
+// without naming the argument; the Python front end's ValueError names it.
 inline void check_owns_its_elements(const char* op, const char* arg, size_t i,
                                     const at::Tensor& t) {
   TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", arg, "[", i,

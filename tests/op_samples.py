@@ -253,8 +253,9 @@ def group_metric_samples(gen, device, make_params=group_sample_params):
 
 
 def small_group_sample_params(gen, device, dtype):
-    """group_sample_params without its two large layouts ((2, 33000) and (200, 600)):
-    about 30 groups instead of about 830."""
+    """group_sample_params without its (2, 33000) and (200, 600) tensors: 18 to 23
+    groups per sample instead of 622 to 33,216 (the (2, 33000) tensor grouped by
+    columns is 33,000 groups)."""
     extra = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in
              [(8, 3, 3, 3), (3, 2, 30), (5, 0)]]
     extra[0][2] = 0.0  # an all-zero filter (row group)
@@ -263,11 +264,12 @@ def small_group_sample_params(gen, device, dtype):
 
 def emulated_group_metric_samples(gen, device):
     """group_metric_samples on small_group_sample_params, for the CUDA emulator. There,
-    each group's Newton iterations are block-wide reductions of 256 fibers: the
-    830 groups of group_sample_params took over 5 minutes per sample under ASan (CI
-    timed out at 90 minutes). Rows longer than a chunk and columns over several
-    position blocks run emulated in tests/cuda_emu/test_emulated_group_metric.py
-    (test_emulated_groups.LAYOUTS: (2, CHUNK + 1), (129, 600), ...)."""
+    each group is a block of 256 fibers through Newton's block-wide reductions, on 3
+    schedules: the first of the full samples (33,216 groups) ran over 5 minutes under
+    ASan, and CI timed out at 90 minutes. A group longer than a chunk is still here
+    (the (32769,) tensor of sample_params, one group); many columns over several
+    position blocks and long column runs run emulated in
+    tests/cuda_emu/test_emulated_group_metric.py (test_emulated_groups.LAYOUTS)."""
     return group_metric_samples(gen, device, small_group_sample_params)
 
 

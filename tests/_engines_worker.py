@@ -111,11 +111,12 @@ def zero3_inputs(world):
     return torch.randn(world, 3, 6)
 
 
-def zero3_engine(world):
+def zero3_engine(world, micro_steps=1):
     import deepspeed
     model = make_zero3_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = {"train_batch_size": 3 * world, "train_micro_batch_size_per_gpu": 3,
+    config = {"train_batch_size": 3 * world * micro_steps, "train_micro_batch_size_per_gpu": 3,
+              "gradient_accumulation_steps": micro_steps,
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     return engine
@@ -153,21 +154,25 @@ class CountAllReduce:
         dist.all_reduce = self.original
 
 
-def zero3_single_process_step(xs, penalty):
-    """The reference: one SGD step on the whole batch (the mean of the ranks' losses,
-    as DeepSpeed averages their gradients), with the penalty's gradient if asked, and
-    DeepSpeed's default gradient clipping (1.0; the norm includes the penalty's
-    gradient, which must be in ZeRO-3's partitions before engine.step computes it)."""
+def zero3_single_process_steps(steps, penalty):
+    """The reference: one SGD step per entry of `steps`, each on the whole batch of
+    that step (the mean of the losses of every rank and micro-batch, as DeepSpeed
+    averages the ranks' gradients and scales each micro-batch's loss by 1/micro-steps),
+    with the penalty's gradient if asked, and DeepSpeed's default gradient clipping
+    (1.0; the norm includes the penalty's gradient, which must be in ZeRO-3's
+    partitions before engine.step computes it)."""
     import regext
     model = make_zero3_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = sum(model(x).pow(2).sum() for x in xs) / len(xs)
-    loss.backward()
-    if penalty:
-        regext.add_penalty_grad_(model.parameters(), L1, L2)
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-    assert norm > 1.0, norm  # clipping is active: it sees the penalty's gradient
-    opt.step()
+    for xs in steps:
+        opt.zero_grad()
+        loss = sum(model(x).pow(2).sum() for x in xs) / len(xs)
+        loss.backward()
+        if penalty:
+            regext.add_penalty_grad_(model.parameters(), L1, L2)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        assert norm > 1.0, norm  # clipping is active: it sees the penalty's gradient
+        opt.step()
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -226,8 +231,8 @@ def zero3_cases(rank, world):
         # One training step: engine.backward, add_penalty_grad_, engine.step equals the
         # single-process step with the penalty's gradient.
         xs = zero3_inputs(world)
-        with_penalty = zero3_single_process_step(xs, penalty=True)
-        without = zero3_single_process_step(xs, penalty=False)
+        with_penalty = zero3_single_process_steps([xs], penalty=True)
+        without = zero3_single_process_steps([xs], penalty=False)
         assert min(float((a - b).abs().max()) for a, b in zip(with_penalty, without)) > 1e-3
         loss = engine(xs[rank]).pow(2).sum()
         engine.backward(loss)
@@ -318,12 +323,7 @@ def zero3_accumulation_case(rank, world, micro_steps=2):
     with the penalty's gradient and the default clipping."""
     import deepspeed
     import regext
-    model = make_zero3_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = {"train_batch_size": 3 * world * micro_steps, "train_micro_batch_size_per_gpu": 3,
-              "gradient_accumulation_steps": micro_steps, "zero_optimization": {"stage": 3},
-              "zero_allow_untested_optimizer": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    engine = zero3_engine(world, micro_steps)
     module = engine.module
     torch.manual_seed(2)
     batches = torch.randn(2, world, micro_steps, 3, 6)  # [optimizer step, rank, micro-step]
@@ -336,19 +336,12 @@ def zero3_accumulation_case(rank, world, micro_steps=2):
                 calls += 1
             engine.step()
     assert calls == 2, calls
-    ref = make_zero3_model()
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    for step in range(2):
-        ref_opt.zero_grad()
-        xs = batches[step].flatten(0, 1)
-        (sum(ref(x).pow(2).sum() for x in xs) / len(xs)).backward()
-        regext.add_penalty_grad_(ref.parameters(), L1, L2)
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        ref_opt.step()
+    want = zero3_single_process_steps([batches[step].flatten(0, 1) for step in range(2)],
+                                      penalty=True)
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         got = [p.detach().clone() for p in params]
-    errors = [float((g - w).abs().max()) for g, w in zip(got, ref.parameters())]
+    errors = [float((g - w).abs().max()) for g, w in zip(got, want)]
     assert max(errors) <= 1e-6, errors
     return {"status": "ok", "why": f"{micro_steps} micro-steps, 2 steps, max error {max(errors)}"}
 

@@ -160,14 +160,18 @@ def ref_forward_accumulate_(grads, params, l1, l2, squared):
 
 # ---- the group lasso -------------------------------------------------------------
 
-def group_sample_params(gen, device, dtype):
+def group_sample_params(gen, device, dtype, large=True):
     """sample_params plus the group layouts of csrc/groups.h: a conv weight, rows
     longer than a chunk (pieces), long column runs (3, 2, 300), columns over several
-    position blocks (200, 600), a zero-size 2-D tensor."""
-    extra = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in
-             [(8, 3, 3, 3), (2, 33000), (3, 2, 300), (200, 600), (5, 0)]]
-    extra[0][2] = 0.0     # an all-zero filter (row group)
-    extra[3][:, 7] = 0.0  # an all-zero column
+    position blocks (200, 600), a zero-size 2-D tensor. large=False: without the
+    (2, 33000) and (200, 600) tensors and with short column runs (3, 2, 30), for the
+    CUDA emulator (emulated_group_metric_samples)."""
+    shapes = ([(8, 3, 3, 3), (2, 33000), (3, 2, 300), (200, 600), (5, 0)] if large else
+              [(8, 3, 3, 3), (3, 2, 30), (5, 0)])
+    extra = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes]
+    extra[0][2] = 0.0         # an all-zero filter (row group)
+    if large:
+        extra[3][:, 7] = 0.0  # an all-zero column
     return sample_params(gen, device, dtype) + [p.to(dtype=dtype, device=device) for p in extra]
 
 
@@ -252,16 +256,6 @@ def group_metric_samples(gen, device, make_params=group_sample_params):
     return out
 
 
-def small_group_sample_params(gen, device, dtype):
-    """group_sample_params without its (2, 33000) and (200, 600) tensors: 18 to 23
-    groups per sample instead of 622 to 33,216 (the (2, 33000) tensor grouped by
-    columns is 33,000 groups)."""
-    extra = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in
-             [(8, 3, 3, 3), (3, 2, 30), (5, 0)]]
-    extra[0][2] = 0.0  # an all-zero filter (row group)
-    return sample_params(gen, device, dtype) + [p.to(dtype=dtype, device=device) for p in extra]
-
-
 def emulated_group_metric_samples(gen, device):
     """group_metric_samples on small_group_sample_params, for the CUDA emulator. There,
     each group is a block of 256 fibers through Newton's block-wide reductions, on 3
@@ -269,8 +263,11 @@ def emulated_group_metric_samples(gen, device):
     ASan, and CI timed out at 90 minutes. A group longer than a chunk is still here
     (the (32769,) tensor of sample_params, one group); many columns over several
     position blocks and long column runs run emulated in
-    tests/cuda_emu/test_emulated_group_metric.py (test_emulated_groups.LAYOUTS)."""
-    return group_metric_samples(gen, device, small_group_sample_params)
+    tests/cuda_emu/test_emulated_group_metric.py (test_emulated_groups.LAYOUTS). Without
+    the two large tensors: 18 to 23 groups per sample instead of 622 to 33,216 (the
+    (2, 33000) tensor grouped by columns is 33,000 groups)."""
+    return group_metric_samples(
+        gen, device, lambda g, d, t: group_sample_params(g, d, t, large=False))
 
 
 def ref_group_forward(params, dims, l1, l2, sqrt_size):
